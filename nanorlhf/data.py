@@ -1,0 +1,196 @@
+"""Datasets in, token ids out: hub names or local json / jsonl / jsonl.gz / parquet, TRL formats.
+
+Formats (TRL): "standard" rows hold strings, "conversational" rows hold lists of
+{"role", "content"} messages. Preference rows have chosen/rejected and either an explicit
+prompt or an implicit one (the shared prefix; for hh-rlhf transcripts, everything up to the last
+"\n\nAssistant:"). Prompt-only rows have a prompt. Bad rows raise ValueError naming file, row, field.
+"""
+import glob
+import gzip
+import hashlib
+import json
+import math
+import os
+
+import torch
+
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet"}
+HH_MARKER = "\n\nAssistant:"
+
+
+def _kind(path):
+    return next((k for ext, k in EXTENSIONS.items() if path.endswith(ext)), None)
+
+
+def _first_bad_json_line(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: {e}"
+    return None
+
+
+def load_rows(name_or_path, split="train"):
+    """A `datasets.Dataset`: a local file, a local folder (files named after the split), or a hub name."""
+    import datasets
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", f"{split}*"), recursive=True) if _kind(f))
+        if not files:
+            raise FileNotFoundError(f"{path}: no {split}.jsonl / {split}.jsonl.gz / {split}.parquet file in folder")
+    elif os.path.isfile(path):
+        if not _kind(path):
+            raise ValueError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}")
+        if split != "train":
+            raise ValueError(f"{path}: a single file has only the 'train' split, asked for {split!r} "
+                             "(hold out data with --eval_fraction instead)")
+        files = [path]
+    elif os.sep in name_or_path and (name_or_path.startswith((".", os.sep, "~")) or _kind(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path}: no such file or folder")
+    else:
+        return datasets.load_dataset(name_or_path, split=split)
+    kinds = {_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixed file types for split {split!r}: {files}")
+    if any(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"{next(f for f in files if os.path.getsize(f) == 0)}: empty file")
+    try:
+        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    except Exception as e:
+        bad = next((f"{f}: {b}" for f in files if _kind(f) == "json" for b in [_first_bad_json_line(f)] if b), None)
+        raise ValueError(bad or f"{', '.join(files)}: unreadable ({type(e).__name__}: {e})") from e
+    if len(ds) == 0:
+        raise ValueError(f"{', '.join(files)}: no rows")
+    return ds
+
+
+def _check(value, source, row, field):
+    """A field is a non-empty string or a non-empty list of {role, content} messages with string content."""
+    where = f"{source}: row {row}, field {field!r}"
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{where}: empty string")
+    elif isinstance(value, list) and value:
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"{where}: messages must be {{'role': str, 'content': str}}, got {m!r:.80}")
+    else:
+        raise ValueError(f"{where}: expected a non-empty string or list of messages, got {value!r:.80}")
+    return value
+
+
+def _split_implicit(chosen, rejected, source, row):
+    """Prompt = shared prefix (whole messages; for strings cut back to the last hh-rlhf marker)."""
+    if type(chosen) is not type(rejected):
+        raise ValueError(f"{source}: row {row}: 'chosen' and 'rejected' mix strings and messages")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and HH_MARKER in chosen[:n]:
+        n = chosen.rindex(HH_MARKER, 0, n) + len(HH_MARKER)
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    for field, v in [("prompt (shared prefix of chosen and rejected)", prompt), ("chosen", chosen),
+                     ("rejected", rejected)]:
+        _check(v, source, row, field)
+    return prompt, chosen, rejected
+
+
+def preference_pairs(ds, source):
+    """Rows -> [{"prompt", "chosen", "rejected", "margin"}]; margin from a `margin` column, else None."""
+    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{source}: preference data needs columns 'chosen' and 'rejected'; missing "
+                         f"{missing}, found {ds.column_names}")
+    pairs = []
+    for i, r in enumerate(ds):
+        c, rj = _check(r["chosen"], source, i, "chosen"), _check(r["rejected"], source, i, "rejected")
+        if r.get("prompt") is None:
+            p, c, rj = _split_implicit(c, rj, source, i)
+        else:
+            p = _check(r["prompt"], source, i, "prompt")
+        m = r.get("margin")
+        if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m)):
+            raise ValueError(f"{source}: row {i}, field 'margin': expected a finite number, got {m!r}")
+        pairs.append({"prompt": p, "chosen": c, "rejected": rj, "margin": m})
+    return pairs
+
+
+def prompts_of(ds, source):
+    """Prompt-only rows (a `prompt` column), or the prompts of preference rows."""
+    if "prompt" in ds.column_names and "chosen" not in ds.column_names:
+        return [_check(r["prompt"], source, i, "prompt") for i, r in enumerate(ds)]
+    if "chosen" in ds.column_names:
+        return [p["prompt"] for p in preference_pairs(ds, source)]
+    raise ValueError(f"{source}: prompt data needs a 'prompt' column (or 'chosen'/'rejected'), "
+                     f"found {ds.column_names}")
+
+
+def render(tokenizer, prompt, completion=None):
+    """(prompt_text, completion_text): the chat template for messages, the strings as they are otherwise."""
+    if isinstance(prompt, str):
+        return prompt, completion
+    if tokenizer.chat_template is None:  # e.g. a BERT reward model: plain "role: content" lines
+        p = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+        return p, None if completion is None else " " + " ".join(m["content"] for m in completion)
+    p = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    if completion is None:
+        return p, None
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(p):
+        raise ValueError("chat template: prompt + completion does not start with the rendered prompt")
+    return p, full[len(p):]
+
+
+def encode(tokenizer, prompt, completion=None):
+    """Token ids of the prompt and of the completion. Chat-template text already holds its special
+    tokens; otherwise the prompt gets the tokenizer's own (BOS, or BERT's [CLS] ... [SEP]) and the
+    completion the EOS when it lacks one (as TRL does)."""
+    p, c = render(tokenizer, prompt, completion)
+    templated = not isinstance(prompt, str) and tokenizer.chat_template is not None
+    p_ids = tokenizer(p, add_special_tokens=not templated)["input_ids"]
+    if c is None:
+        return p_ids, None
+    c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if not templated and eos is not None and (not c_ids or c_ids[-1] != eos):
+        c_ids = c_ids + [eos]
+    return p_ids, c_ids
+
+
+def tokenize_pairs(tokenizer, pairs, max_length):
+    """[(chosen_ids, rejected_ids, margin)] of prompt + completion; pairs longer than max_length are
+    dropped (never truncated). Returns (rows, number dropped)."""
+    rows = []
+    for pair in pairs:
+        p, c = encode(tokenizer, pair["prompt"], pair["chosen"])
+        _, r = encode(tokenizer, pair["prompt"], pair["rejected"])
+        if max(len(p) + len(c), len(p) + len(r)) <= max_length:
+            rows.append((p + c, p + r, pair["margin"]))
+    return rows, len(pairs) - len(rows)
+
+
+def tokenize_prompts(tokenizer, prompts, max_prompt_length):
+    """[(prompt_index, ids)] for prompts of at most max_prompt_length tokens; returns (rows, dropped)."""
+    rows = [(i, encode(tokenizer, p)[0]) for i, p in enumerate(prompts)]
+    kept = [(i, ids) for i, ids in rows if len(ids) <= max_prompt_length]
+    return kept, len(rows) - len(kept)
+
+
+def pad(seqs, pad_id, side="left"):
+    """List of id lists -> (ids, mask) (N, L) long tensors padded on `side`."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def held_out(prompt, fraction):
+    """Deterministic split by prompt: True for about `fraction` of distinct prompts, same on every run."""
+    h = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64 < fraction

@@ -1,0 +1,141 @@
+"""Distributed plumbing: process group, rank-0 printing, metric all-reduce, saving, checkpoints."""
+import glob
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun: nccl on GPU, gloo on CPU. Otherwise one process."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_metrics(metrics, op="mean"):
+    """{name: scalar} -> {name: float} reduced over ranks ("mean", "sum", "min", "max") in one call.
+
+    Every rank must pass the same keys; they are sorted so the order always agrees.
+    """
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+               "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
+        if op == "mean":
+            t = t / dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def transformer_blocks(model):
+    """The repeated blocks FSDP2 shards one by one: the first ModuleList (Llama/Qwen2 `model.layers`,
+    GPT-2 `transformer.h`, BERT `encoder.layer`)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m):
+            return list(m)
+    raise ValueError(f"{type(model).__name__}: no list of transformer blocks found to shard")
+
+
+def full_state_dict(model):
+    """Full, unsharded CPU state dict of a plain, DDP or FSDP2 model (a collective under FSDP2:
+    call it on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model, state_dict):
+    """Inverse of full_state_dict: every rank passes the full dict; FSDP2 keeps only its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if not dist.is_initialized():
+        return model.load_state_dict(state_dict)
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+def save_hf(model, tokenizer, output_dir, state_dict):
+    """save_pretrained (safetensors) of `state_dict` from full_state_dict, on rank 0 only.
+
+    Files are written to a temporary folder first and then renamed into place one by one, so a
+    kill mid-save never leaves a truncated weights file over a good one. Tied embeddings: HF
+    drops the duplicate lm_head entry itself.
+    """
+    if not is_main():
+        return
+    base = getattr(model, "module", model)
+    tmp = os.path.join(output_dir, ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    cfg = os.path.join(tmp, "config.json")  # FSDP2 renames the class to FSDP<Name>; record the real one
+    with open(cfg) as f:
+        text = f.read().replace('"FSDP', '"')
+    with open(cfg, "w") as f:
+        f.write(text)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir, step, state, keep=2):
+    """Rank 0 writes `state` to output_dir/checkpoint-<step>: into a .tmp folder first, renamed when
+    complete, so a kill mid-save leaves the previous checkpoint as the latest loadable one.
+    Keeps the newest `keep` checkpoints."""
+    if not is_main():
+        return
+    final = os.path.join(output_dir, f"checkpoint-{step:08d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")))[:-keep]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(output_dir):
+    """Path of the newest complete checkpoint in output_dir, or None."""
+    done = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")))
+    return done[-1] if done else None
+
+
+def load_checkpoint(path):
+    """The state dict saved by save_checkpoint; a clear error when it is missing or corrupt."""
+    file = os.path.join(path, "state.pt")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot load checkpoint ({type(e).__name__}: {e})") from e

@@ -1,0 +1,116 @@
+"""Tensor helpers: log-probabilities, masks, entropy, KL estimators.
+
+Shapes: B sequences, T completion positions, V vocabulary. Masks are boolean, True = real token.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _chunks(x, index=None, budget=2**26):
+    """Flatten (..., V) to (N, V) rows and split them into chunks of at most `budget` elements."""
+    n = max(1, budget // x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).split(n)
+    return rows if index is None else zip(rows, index.reshape(-1).split(n))
+
+
+def selective_log_softmax(logits, index, temperature=1.0):
+    """log_softmax(logits / temperature) gathered at index: (..., V), (...) -> (...).
+
+    Computed chunk by chunk over rows, so a full (B, T, V) float32 log-softmax never exists at
+    once. fp32/fp64 use z[index] - logsumexp(z); bf16/fp16 upcast one chunk at a time to fp32
+    (log_softmax in half precision loses ~1e-2), so the result is float32 for them.
+    """
+    out = []
+    for z, idx in _chunks(logits, index):
+        if z.dtype in (torch.float32, torch.float64):
+            z = z / temperature if temperature != 1.0 else z
+            out.append(z.gather(-1, idx[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1))
+        else:
+            out.append(F.log_softmax(z.float() / temperature, dim=-1).gather(-1, idx[:, None]).squeeze(-1))
+    return torch.cat(out).view(index.shape)
+
+
+def entropy_from_logits(logits, temperature=1.0):
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v with z = logits / temperature: (..., V) -> (...)."""
+    out = []
+    for z in _chunks(logits):
+        z = z.float() / temperature
+        out.append(torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions that skip left padding: cumsum(mask) - 1, clamped at 0. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature=1.0, with_entropy=False):
+    """Per-token log pi(y_t | x, y_<t) of a causal LM over completion positions only.
+
+    prompt_ids/prompt_mask: (B, P) left-padded; completion_ids: (B, T). The logits that predict
+    y_t sit at positions P-1 .. P+T-2, so only the last T+1 positions are computed
+    (`logits_to_keep`), and the final one is dropped. Returns (B, T) logprobs at `temperature`
+    (and the (B, T) entropy if asked). Completion positions after EOS must be masked by the caller.
+    """
+    T = completion_ids.shape[1]
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask.bool(), torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
+    out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
+                logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, -T - 1:-1]  # (B, T, V)
+    logps = selective_log_softmax(logits, completion_ids, temperature)
+    if with_entropy:
+        with torch.no_grad():
+            return logps, entropy_from_logits(logits, temperature)
+    return logps
+
+
+def truncate_at_eos(tokens, eos_token_id, pad_token_id):
+    """Cut completions after their first EOS. tokens (B, T) -> (tokens, mask), mask (B, T) bool.
+
+    The mask covers every token up to and including the first EOS (METHODS.md conventions);
+    later positions become pad. eos_token_id may be an int or a list of ids.
+    """
+    eos = torch.isin(tokens, torch.as_tensor(eos_token_id, device=tokens.device).reshape(-1))
+    seen_before = (eos.long().cumsum(-1) - eos.long()) > 0  # (B, T) an EOS strictly earlier
+    mask = ~seen_before
+    return tokens.masked_fill(~mask, pad_token_id), mask
+
+
+def masked_sum(x, mask, dim=-1):
+    """S(x) = sum_t mask_t x_t."""
+    return (x * mask).sum(dim)
+
+
+def masked_mean(x, mask, dim=None):
+    """sum(mask * x) / sum(mask), over `dim` (all elements when None)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance of the masked elements: sum(mask (x - mu)^2) / (n - 1)."""
+    mu = masked_mean(x, mask)
+    n = mask.sum()
+    if n < 2:
+        raise ValueError(f"masked_var needs at least 2 unmasked elements, got {int(n)}")
+    return ((x - mu) ** 2 * mask).sum() / (n - 1)
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mu) / sqrt(var + eps) over the masked elements; masked-out entries are left as x."""
+    mu, var = masked_mean(x, mask), masked_var(x, mask)
+    w = (x - mu) * torch.rsqrt(var + eps)
+    w = w if shift_mean else w + mu
+    return torch.where(mask.bool(), w, x)
+
+
+def kl_estimators(logps, ref_logps, mask):
+    """Per-token KL(pi || ref) estimators on r = log pi - log ref for samples y ~ pi (Schulman 2020).
+
+    k1 = r (unbiased, high variance), k2 = r^2 / 2, k3 = exp(-r) - 1 + r (unbiased, >= 0).
+    All (B, T), zero where mask is False.
+    """
+    r = (logps - ref_logps) * mask
+    return {"k1": r, "k2": 0.5 * r**2, "k3": (torch.expm1(-r) + r) * mask}
