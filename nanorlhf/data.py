@@ -92,9 +92,9 @@ def _split_implicit(chosen, rejected, source, row):
     if isinstance(chosen, str) and HH_MARKER in chosen[:n]:
         n = chosen.rindex(HH_MARKER, 0, n) + len(HH_MARKER)
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-    for field, v in [("prompt (shared prefix of chosen and rejected)", prompt), ("chosen", chosen),
-                     ("rejected", rejected)]:
-        _check(v, source, row, field)
+    _check(prompt, source, row, "prompt (the shared prefix of chosen and rejected)")
+    if chosen == rejected:  # an empty answer alone is allowed: hh-rlhf has a few
+        raise ValueError(f"{source}: row {row}: 'chosen' and 'rejected' are identical")
     return prompt, chosen, rejected
 
 

@@ -1,0 +1,129 @@
+"""Data loading: every supported format gives the same pairs and prompts; every bad input its error."""
+import gzip
+import json
+import os
+
+import pytest
+
+from nanorlhf import encode, held_out, load_rows, pad, preference_pairs, prompts_of, tokenize_pairs, tokenize_prompts
+
+U = lambda s: [{"role": "user", "content": s}]  # noqa: E731
+A = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
+HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
+
+
+def _jsonl(path, rows, opener=open):
+    with opener(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _ids(tokenizer, pairs):
+    return tokenize_pairs(tokenizer, pairs, max_length=100)[0]
+
+
+def test_conversational_explicit_and_implicit_agree(tmp_path, tokenizer):
+    explicit = [{"prompt": U("happy cat"), "chosen": A("good joy"), "rejected": A("bad")},
+                {"prompt": U("gloomy box hill"), "chosen": A("dark"), "rejected": A("kind nice")}]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in explicit]
+    a = preference_pairs(load_rows(_jsonl(tmp_path / "a.jsonl", explicit)), "a")
+    b = preference_pairs(load_rows(_jsonl(tmp_path / "b.jsonl.gz", implicit, gzip.open)), "b")
+    assert [p["prompt"] for p in b] == [r["prompt"] for r in explicit]
+    assert _ids(tokenizer, a) == _ids(tokenizer, b)
+    chosen_ids = _ids(tokenizer, a)[0][0]
+    assert tokenizer.decode(chosen_ids) == "<|user|> happy cat <|assistant|> good joy <eos>"
+
+
+def test_standard_explicit_implicit_hh_and_parquet_agree(tmp_path, tokenizer):
+    import datasets
+    explicit = [{"prompt": "\n\nHuman: happy cat\n\nAssistant:", "chosen": " good joy", "rejected": " bad"},
+                {"prompt": "\n\nHuman: x\n\nAssistant: y\n\nHuman: gloomy\n\nAssistant:", "chosen": " dark",
+                 "rejected": " dark cold"}]
+    hh = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in explicit]
+    a = preference_pairs(load_rows(_jsonl(tmp_path / "a.jsonl", explicit)), "a")
+    b = preference_pairs(load_rows(_jsonl(tmp_path / "hh.jsonl", hh)), "hh")  # shares " dark": cut at the marker
+    datasets.Dataset.from_list(explicit).to_parquet(str(tmp_path / "c.parquet"))
+    c = preference_pairs(load_rows(str(tmp_path / "c.parquet")), "c")
+    strip = lambda ps: [(p["prompt"], p["chosen"], p["rejected"]) for p in ps]  # noqa: E731
+    assert strip(a) == strip(b) == strip(c)
+    ids = _ids(tokenizer, a)
+    assert ids[0][0][-1] == tokenizer.eos_token_id  # standard completions get the EOS appended
+
+
+def test_folder_splits_and_prompt_only(tmp_path, tokenizer):
+    (tmp_path / "d").mkdir()
+    _jsonl(tmp_path / "d" / "train.jsonl", [{"prompt": U("happy cat")}, {"prompt": U("gloomy box")}])
+    _jsonl(tmp_path / "d" / "test.jsonl", [{"prompt": U("happy hill")}])
+    train, test = load_rows(str(tmp_path / "d"), "train"), load_rows(str(tmp_path / "d"), "test")
+    assert len(train) == 2 and prompts_of(test, "t") == [U("happy hill")]
+    pref = load_rows(_jsonl(tmp_path / "p.jsonl", [{"prompt": U("happy cat"), "chosen": A("a"), "rejected": A("b")}]))
+    assert prompts_of(pref, "p") == [U("happy cat")]
+    rows, dropped = tokenize_prompts(tokenizer, prompts_of(train, "t") + [U("happy " + "cat " * 40)], 10)
+    assert dropped == 1 and [i for i, _ in rows] == [0, 1]
+    assert tokenizer.decode(rows[0][1]) == "<|user|> happy cat <|assistant|>"
+    ids, mask = pad([r[1] for r in rows] + [[4, 5]], tokenizer.pad_token_id, "left")
+    assert mask.tolist()[-1] == [0, 0, 1, 1] and ids[-1, 0].item() == tokenizer.pad_token_id
+
+
+def test_margin_column(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 0.5}]
+    assert preference_pairs(load_rows(_jsonl(tmp_path / "m.jsonl", rows)), "m")[0]["margin"] == 0.5
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "p", "chosen": "a"}], r"missing \['rejected'\]"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": " ", "chosen": "a", "rejected": "b"}],
+     r"row 1, field 'prompt': empty string"),
+    ([{"prompt": "p", "chosen": 3, "rejected": "b"}], r"row 0, field 'chosen': expected a non-empty string"),
+    ([{"prompt": "p", "chosen": [{"role": "assistant", "content": 1}], "rejected": "b"}], r"row 0, field 'chosen'"),
+    ([{"chosen": "same", "rejected": "same"}], r"row 0: 'chosen' and 'rejected' are identical"),
+    ([{"chosen": "a", "rejected": "b"}], r"row 0, field 'prompt \(the shared prefix"),
+    ([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}], r"field 'margin'"),
+])
+def test_bad_preference_rows(tmp_path, rows, message):
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=message) as e:
+        preference_pairs(load_rows(path), path)
+    assert "bad.jsonl" in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl: empty file"):
+        load_rows(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match="broken.jsonl: line 2"):
+        load_rows(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_rows(str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match="only the 'train' split"):
+        load_rows(_jsonl(tmp_path / "one.jsonl", [{"prompt": "x"}]), "test")
+    with pytest.raises(ValueError, match="needs a 'prompt' column"):
+        prompts_of(load_rows(_jsonl(tmp_path / "q.jsonl", [{"question": "x"}])), "q.jsonl")
+
+
+def test_over_long_pairs_are_dropped_and_counted(tokenizer):
+    pairs = [{"prompt": U("happy cat"), "chosen": A("good"), "rejected": A("bad " * 30), "margin": None},
+             {"prompt": U("happy cat"), "chosen": A("good"), "rejected": A("bad"), "margin": None}]
+    rows, dropped = tokenize_pairs(tokenizer, pairs, max_length=10)
+    assert dropped == 1 and len(rows) == 1
+
+
+def test_held_out_is_deterministic_by_prompt():
+    prompts = [f"prompt {i}" for i in range(2000)]
+    flags = [held_out(p, 0.1) for p in prompts]
+    assert flags == [held_out(p, 0.1) for p in prompts]
+    assert 150 < sum(flags) < 250
+    assert held_out(U("a"), 0.5) == held_out([{"content": "a", "role": "user"}], 0.5)
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="../shared hh-rlhf data not present")
+def test_real_hh_rlhf_transcripts(tokenizer):
+    pairs = preference_pairs(load_rows(HH), HH)
+    assert len(pairs) == 2077
+    assert all(p["prompt"].endswith("\n\nAssistant:") and p["prompt"].startswith("\n\nHuman:") for p in pairs)
+    p_ids, c_ids = encode(tokenizer, pairs[0]["prompt"], pairs[0]["chosen"])
+    assert c_ids[-1] == tokenizer.eos_token_id

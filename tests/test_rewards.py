@@ -1,0 +1,107 @@
+"""Reward reading at the last real token, re-tokenized scoring, reward functions."""
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification, \
+    PreTrainedTokenizerFast
+
+from nanorlhf import call_reward_fn, last_token_index, load_function, pad, reward_model_scores, score_completions
+from nanorlhf.world import CHAT_TEMPLATE, gold_reward
+
+
+def _rm(vocab, pad_id, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=pad_id)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def _manual_score(rm, ids):
+    """Score of one unpadded sequence: the head on the final hidden state of the last token."""
+    with torch.no_grad():
+        h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state
+        return rm.score(h)[0, -1, 0].item()
+
+
+def test_last_token_index():
+    assert last_token_index(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [3, 2, 0]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_score_read_at_last_real_token(side):
+    seqs = [[4, 6, 24, 5, 8, 1], [4, 7, 5, 9, 10, 11, 12, 1], [4, 6, 5, 1]]  # all end in EOS (id 1)
+    for pad_id in (0, 1):  # pad distinct from eos, and pad == eos
+        rm = _rm(32, pad_id)
+        ids, mask = pad(seqs, pad_id, side=side)
+        with torch.no_grad():
+            got = reward_model_scores(rm, ids, mask)
+        expected = [_manual_score(rm, s) for s in seqs]
+        torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+    with torch.no_grad():  # HF's own pooling reads the wrong token when pad == eos: the defect we avoid
+        hf = rm(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert not torch.allclose(hf, got, atol=1e-4)
+
+
+def test_encoder_reward_model_uses_its_pooler():
+    torch.manual_seed(0)
+    rm = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=64,
+                                                  num_labels=1)).eval()
+    seqs = [[2, 5, 6, 3], [2, 7, 8, 9, 10, 3]]
+    ids, mask = pad(seqs, 0, side="right")
+    with torch.no_grad():
+        got = reward_model_scores(rm, ids, mask)
+        solo = [rm(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs]
+    torch.testing.assert_close(got, torch.tensor(solo), atol=1e-5, rtol=0)
+
+
+def test_reward_model_must_have_one_label():
+    rm = _rm(32, 0)
+    rm.config.num_labels = 2
+    with pytest.raises(ValueError, match="num_labels=1"):
+        reward_model_scores(rm, torch.tensor([[4, 5]]), torch.tensor([[1, 1]]))
+
+
+def test_different_tokenizer_scores_the_same_text(tokenizer):
+    # tokenizer B: the same words with reversed ids; RM B: RM A with its embedding rows permuted to match
+    vocab_a = tokenizer.get_vocab()
+    n = len(vocab_a)
+    vocab_b = {w: n - 1 - i for w, i in vocab_a.items()}
+    tb = Tokenizer(models.WordLevel(vocab_b, unk_token="<unk>"))
+    tb.pre_tokenizer, tb.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##")
+    tok_b = PreTrainedTokenizerFast(tokenizer_object=tb, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                    chat_template=CHAT_TEMPLATE)
+    rm_a = _rm(n, tokenizer.pad_token_id)
+    rm_b = _rm(n, tok_b.pad_token_id)
+    rm_b.load_state_dict(rm_a.state_dict())
+    with torch.no_grad():
+        rm_b.model.embed_tokens.weight.copy_(rm_a.model.embed_tokens.weight.flip(0))
+    prompts = [[{"role": "user", "content": "happy cat tree"}], [{"role": "user", "content": "gloomy box"}]]
+    completions = ["good joy", "dark cold rain hill"]
+    texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+             for p, c in zip(prompts, completions)]
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids, mask = pad(seqs, tokenizer.pad_token_id, side="left")
+    with torch.no_grad():
+        direct = reward_model_scores(rm_a, ids, mask)
+        retok = score_completions(rm_b, tok_b, prompts, completions, batch_size=1)
+    torch.testing.assert_close(retok, direct, atol=1e-5, rtol=0)
+
+
+def test_reward_function_validation():
+    fn = load_function("nanorlhf.world:gold_reward")
+    assert fn is gold_reward
+    out = call_reward_fn(fn, ["happy cat"], ["good joy <eos>"])
+    assert out.tolist() == pytest.approx([2 / 6])
+    with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
+        call_reward_fn(lambda p, c: [0.0], ["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match="for sample 1"):
+        call_reward_fn(lambda p, c: [0.0, math.nan], ["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match=r"for sample 0 \(must be a finite number in \[0, 1\]"):
+        call_reward_fn(lambda p, c: [1.5], ["a"], ["x"], low=0, high=1)
+    with pytest.raises(ValueError, match="module:function"):
+        load_function("nanorlhf.world")
+    with pytest.raises(ValueError, match="no function"):
+        load_function("nanorlhf.world:nope")
