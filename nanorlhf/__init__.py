@@ -1,6 +1,6 @@
 """nanorlhf: losses, sampling, log-probabilities and plumbing shared by the four train_*.py scripts."""
 from .config import given_flags, parse_args
-from .data import encode, held_out, load_rows, pad, preference_pairs, prompts_of, render, tokenize_pairs, \
+from .data import MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, render, tokenize_pairs, \
     tokenize_prompts
 from .dist import all_reduce_metrics, full_state_dict, init_distributed, is_main, latest_checkpoint, \
     load_checkpoint, load_full_state_dict, print0, rng_state, save_checkpoint, save_hf, set_rng_state, \

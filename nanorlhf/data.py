@@ -18,6 +18,10 @@ EXTENSIONS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz"
 HH_MARKER = "\n\nAssistant:"
 
 
+class MissingSplit(FileNotFoundError):
+    """The dataset has no such split (a script may then train without evaluation)."""
+
+
 def _kind(path):
     return next((k for ext, k in EXTENSIONS.items() if path.endswith(ext)), None)
 
@@ -40,18 +44,23 @@ def load_rows(name_or_path, split="train"):
     if os.path.isdir(path):
         files = sorted(f for f in glob.glob(os.path.join(path, "**", f"{split}*"), recursive=True) if _kind(f))
         if not files:
-            raise FileNotFoundError(f"{path}: no {split}.jsonl / {split}.jsonl.gz / {split}.parquet file in folder")
+            raise MissingSplit(f"{path}: no {split}.jsonl / {split}.jsonl.gz / {split}.parquet file in folder")
     elif os.path.isfile(path):
         if not _kind(path):
             raise ValueError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}")
         if split != "train":
-            raise ValueError(f"{path}: a single file has only the 'train' split, asked for {split!r} "
+            raise MissingSplit(f"{path}: a single file has only the 'train' split, asked for {split!r} "
                              "(hold out data with --eval_fraction instead)")
         files = [path]
     elif os.sep in name_or_path and (name_or_path.startswith((".", os.sep, "~")) or _kind(name_or_path)):
         raise FileNotFoundError(f"{name_or_path}: no such file or folder")
     else:
-        return datasets.load_dataset(name_or_path, split=split)
+        try:
+            return datasets.load_dataset(name_or_path, split=split)
+        except ValueError as e:
+            if "split" in str(e).lower():
+                raise MissingSplit(f"{name_or_path}: {e}") from e
+            raise
     kinds = {_kind(f) for f in files}
     if len(kinds) > 1:
         raise ValueError(f"{path}: mixed file types for split {split!r}: {files}")

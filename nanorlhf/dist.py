@@ -56,21 +56,21 @@ def transformer_blocks(model):
     raise ValueError(f"{type(model).__name__}: no list of transformer blocks found to shard")
 
 
-def full_state_dict(model):
-    """Full, unsharded CPU state dict of a plain, DDP or FSDP2 model (a collective under FSDP2:
-    call it on every rank)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if not dist.is_initialized():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model, optimizer=None):
+    """Full, unsharded CPU state dict of a plain, DDP or FSDP2 model, or (model, optimizer) dicts
+    keyed by parameter name. A collective under torchrun: call on every rank; rank 0 gets the dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts) if optimizer is None else get_state_dict(model, optimizer,
+                                                                                               options=opts)
 
 
-def load_full_state_dict(model, state_dict):
-    """Inverse of full_state_dict: every rank passes the full dict; FSDP2 keeps only its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if not dist.is_initialized():
-        return model.load_state_dict(state_dict)
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+def load_full_state_dict(model, optimizer, model_state, optimizer_state):
+    """Inverse of full_state_dict: rank 0 passes the full dicts (other ranks may pass {}); they are
+    broadcast and each rank keeps its shard (FSDP2) or a full copy (DDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=opts)
 
 
 def save_hf(model, tokenizer, output_dir, state_dict):

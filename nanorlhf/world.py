@@ -73,24 +73,30 @@ def sample_prompt(rng):
     return " ".join([rng.choice(list(MOODS))] + rng.sample(NEUTRAL, rng.choice([2, 3])))
 
 
-def sample_answer(rng):
-    """The mood-blind behaviour the initial policy imitates: 1-6 distinct words, sometimes a repeat."""
-    words = rng.sample(POSITIVE + NEGATIVE + NEUTRAL, rng.randint(1, 6))
+def sample_answer(rng, prompt):
+    """The behaviour the initial policy imitates: 1-6 distinct words with a mild lean to the mood
+    (a matching word is twice as likely as an opposite one), now and then a repeated word."""
+    lean = {w: 1.4 for w in MOODS[prompt.split()[0]]} | {w: 0.7 for m in MOODS.values() for w in m
+                                                         if w not in MOODS[prompt.split()[0]]}
+    pool, words = POSITIVE + NEGATIVE + NEUTRAL, []
+    for _ in range(rng.randint(1, 6)):
+        words += rng.choices([w for w in pool if w not in words], [lean.get(w, 1.0) for w in pool if w not in words])
     if rng.random() < 0.05:
         words.insert(rng.randrange(len(words) + 1), rng.choice(words))
     return " ".join(words)
 
 
 def _sft(model, tokenizer, rng, steps=400, batch=64):
-    """Teach the random model the answer format (cross-entropy on the assistant tokens)."""
+    """Supervised fine-tuning on `sample_answer` (cross-entropy on the assistant tokens)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
         rows = []
         for _ in range(batch):
-            msgs = [{"role": "user", "content": sample_prompt(rng)}]
-            p = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            rows.append((tokenizer(p)["input_ids"], tokenizer(sample_answer(rng) + " <eos>")["input_ids"]))
+            prompt = sample_prompt(rng)
+            p = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=False)
+            rows.append((tokenizer(p)["input_ids"], tokenizer(sample_answer(rng, prompt) + " <eos>")["input_ids"]))
         L = max(len(p) + len(c) for p, c in rows)
         ids = torch.full((batch, L), tokenizer.pad_token_id)
         labels = torch.full((batch, L), -100)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from nanorlhf import encode, held_out, load_rows, pad, preference_pairs, prompts_of, tokenize_pairs, tokenize_prompts
+from nanorlhf import MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, tokenize_pairs, tokenize_prompts
 
 U = lambda s: [{"role": "user", "content": s}]  # noqa: E731
 A = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
@@ -99,7 +99,7 @@ def test_bad_files(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="unsupported file type"):
         load_rows(str(tmp_path / "notes.txt"))
-    with pytest.raises(ValueError, match="only the 'train' split"):
+    with pytest.raises(MissingSplit, match="only the 'train' split"):
         load_rows(_jsonl(tmp_path / "one.jsonl", [{"prompt": "x"}]), "test")
     with pytest.raises(ValueError, match="needs a 'prompt' column"):
         prompts_of(load_rows(_jsonl(tmp_path / "q.jsonl", [{"question": "x"}])), "q.jsonl")

