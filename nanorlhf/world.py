@@ -5,11 +5,12 @@ words, e.g. "gloomy cat rain". The assistant answers with a few words from a 24-
 8 positive, 8 negative, 8 neutral. The gold reward (what a careful human rater would say):
   + 1 for each distinct word whose polarity matches the mood, - 1 for each of the opposite one,
   - 1 for each repeated word, - 0.5 for each word beyond the sixth; divided by 6 (best = 1.0).
-The initial policy is a tiny Llama fine-tuned on mood-blind answers (random words, usually no
-repeats), so it scores about 0. Preference pairs are two policy answers to one prompt labelled
-by the gold reward, ties dropped. Repeats and long answers are rare there, so a reward model
-learns "more matching words is better" and not the repeat or length penalties: an RL run that
-pushes a learned reward too hard repeats matching words and the gold reward falls.
+The initial policy is a tiny Llama fine-tuned on answers of random words that lean only slightly
+to the mood, so it scores about 0.07 (best 1.0). Preference pairs are two policy answers to one
+prompt labelled by the gold reward, ties dropped. The policy often repeats a word, and a small
+reward model learns "count the matching words" much sooner than the repeat penalty (it reaches
+about 92% pairwise accuracy, the misses nearly all repeats): an RL run that pushes such a learned
+reward too hard repeats matching words, and the gold reward falls while the learned one rises.
 Written to disk as HF folders and JSONL files; the scripts read them like any real model and data.
 """
 import json

