@@ -80,9 +80,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     assert [r.get("loss") for r in full] == [r.get("loss") for r in cut]
 
 
-def test_margin_raises_the_loss(tmp_path):
-    from nanorlhf.world import ensure
-    rows = [json.loads(line) for line in open(os.path.join(ensure(), "preferences", "train.jsonl"))][:64]
+def test_margin_raises_the_loss(world_root, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(world_root, "preferences", "train.jsonl"))][:64]
     for name, m in (("plain", None), ("margin", 5.0)):
         with open(tmp_path / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(dict(r, margin=m) if m else r) + "\n" for r in rows)
