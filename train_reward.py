@@ -19,7 +19,6 @@ Launch:
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -133,25 +132,7 @@ if args.bf16 and not use_bf16:
 torch.manual_seed(args.seed)
 
 # output directory: refuse to mix with another run, unless asked
-args_file = os.path.join(args.output_dir, "args.json")
-if args.resume:
-    if not os.path.exists(args_file) or nr.latest_checkpoint(args.output_dir) is None:
-        raise SystemExit(f"--resume: no checkpoint in {args.output_dir}")
-    saved = json.load(open(args_file))
-    diff = {k: (saved.get(k), getattr(args, k)) for k in RESUME_KEYS if saved.get(k) != getattr(args, k)}
-    if diff:
-        raise SystemExit(f"--resume: {args.output_dir} holds a run with other settings (saved, given): {diff}")
-elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
-    if not args.overwrite_output_dir:
-        raise SystemExit(f"{args.output_dir} is not empty (it holds another run); pass --overwrite_output_dir to "
-                         "replace it or --resume to continue it")
-    if nr.is_main():
-        for name in os.listdir(args.output_dir):
-            if name.startswith("checkpoint-") or name == "metrics.jsonl":
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True) if os.path.isdir(
-                    os.path.join(args.output_dir, name)) else os.remove(os.path.join(args.output_dir, name))
-if dist.is_initialized():
-    dist.barrier()  # rank 0 is done cleaning before anyone writes
+nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
 
 # ----------------------------------------------------------------------------- data
 tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
@@ -275,47 +256,13 @@ def evaluate():
 
 
 def log(record):
-    if nr.is_main():
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def save_checkpoint(step):
-    model_state, optim_state = nr.full_state_dict(model, optimizer)  # collective: all ranks
-    rngs = [None] * world_size
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, nr.rng_state())
-    else:
-        rngs = [nr.rng_state()]
-    nr.save_checkpoint(args.output_dir, step, {"model": model_state, "optimizer": optim_state, "rng": rngs,
-                                               "scheduler": scheduler.state_dict(), "step": step},
-                       keep=args.save_total_limit)
+    nr.append_jsonl(args.output_dir, "metrics.jsonl", [record])
 
 
 # ----------------------------------------------------------------------------- loop
-os.makedirs(args.output_dir, exist_ok=True)
-start_step = 0
-if args.resume:
-    path = nr.latest_checkpoint(args.output_dir)
-    state = nr.load_checkpoint(path) if nr.is_main() else {}  # rank 0 reads, then broadcasts
-    box = [state.get("step"), state.get("scheduler"), state.get("rng")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    start_step, sched_state, rngs = box
-    try:
-        nr.load_full_state_dict(model, optimizer, state.get("model", {}), state.get("optimizer", {}))
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise SystemExit(f"{path}: checkpoint does not match this model ({type(e).__name__}: {e})") from e
-    scheduler.load_state_dict(sched_state)
-    nr.set_rng_state(rngs[rank])
-    if nr.is_main():  # drop records logged after the checkpoint: the resumed run writes them again
-        metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
-        lines = open(metrics_file).readlines() if os.path.exists(metrics_file) else []
-        with open(metrics_file, "w") as f:
-            f.writelines(line for line in lines if json.loads(line)["step"] <= start_step)
-    nr.print0(f"resumed from {path} at step {start_step}")
+start_step = nr.load_training_state(args.output_dir, model, optimizer, scheduler) if args.resume else 0
 if nr.is_main():
-    with open(args_file, "w") as f:
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=1)
 
 model.train()
@@ -360,7 +307,7 @@ for step in range(start_step, total_steps):
         if nr.is_main():
             bar.write(f"eval step {step + 1}: " + " | ".join(f"{k[5:]} {v:.4g}" for k, v in e.items()))
     if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-        save_checkpoint(step + 1)
+        nr.save_training_state(args.output_dir, step + 1, model, optimizer, scheduler, args.save_total_limit)
 bar.close()
 
 # ----------------------------------------------------------------------------- save

