@@ -193,8 +193,8 @@ try:
     model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1,
                                                                gguf_file=args.gguf_file)
 except (ValueError, RuntimeError) as e:
-    raise SystemExit(f"{args.model_name_or_path}: cannot load as a sequence classifier with one label ({e}). Pass a "
-                     "base model (e.g. a Llama/Qwen2/GPT-2 causal LM or a BERT encoder) or a 1-label reward model") from e
+    raise SystemExit(f"{args.model_name_or_path}: cannot load as a sequence classifier with one label ({e}). Pass "
+                     "a base model (a Llama/Qwen2/GPT-2 causal LM or a BERT encoder) or a 1-label reward model") from e
 if model.config.num_labels != 1:
     raise SystemExit(f"{args.model_name_or_path}: has num_labels={model.config.num_labels}; a reward model needs 1")
 model.config.pad_token_id = tokenizer.pad_token_id

@@ -132,7 +132,7 @@ class Args:
     """checkpoints to keep"""
 
 
-WORLD_DEFAULTS = dict(learning_rate=1e-4, per_device_train_batch_size=64, rloo_k=2, num_ppo_epochs=1,
+WORLD_DEFAULTS = dict(learning_rate=3e-4, per_device_train_batch_size=64, rloo_k=2, num_ppo_epochs=1,
                       total_episodes=12800, response_length=16, stop_token="eos", missing_eos_penalty=1.0,
                       kl_coef=0.1, eval_steps=25, num_eval_prompts=200, save_steps=100)
 RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "dataset_name", "rloo_k",
@@ -306,7 +306,10 @@ def score(prompts, ids, mask, tokens, cmask):
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     n = args.local_rollout_forward_batch_size
     if reward_fn is not None:
-        s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
+        try:
+            s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
+        except ValueError as e:
+            raise SystemExit(f"--reward_fn {args.reward_fn}: {e}") from e
     elif same_tokenizer:  # the policy's own tokens: prompt (left-padded) + completion (right-padded)
         full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask, cmask.long()], 1)
         s = torch.cat([nr.reward_model_scores(reward_model, full[i:i + n], fmask[i:i + n]) for i in chunks(len(ids))])

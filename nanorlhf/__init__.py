@@ -1,13 +1,13 @@
 """nanorlhf: losses, sampling, log-probabilities and plumbing shared by the four train_*.py scripts."""
 from .config import given_flags, parse_args
-from .data import MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, render, tokenize_pairs, \
-    tokenize_prompts
-from .dist import all_reduce_metrics, full_state_dict, init_distributed, is_main, latest_checkpoint, \
-    load_checkpoint, load_full_state_dict, print0, rng_state, save_checkpoint, save_hf, set_rng_state, \
-    transformer_blocks
+from .data import (MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, render,
+                   tokenize_pairs, tokenize_prompts)
+from .dist import (all_reduce_metrics, full_state_dict, init_distributed, is_main, latest_checkpoint, load_checkpoint,
+                   load_full_state_dict, print0, rng_state, save_checkpoint, save_hf, set_rng_state,
+                   transformer_blocks)
 from .losses import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, rloo_advantages, xpo_loss
-from .ops import completion_logprobs, entropy_from_logits, kl_estimators, masked_mean, masked_sum, masked_var, \
-    masked_whiten, position_ids_from_mask, selective_log_softmax, truncate_at_eos
+from .ops import (completion_logprobs, entropy_from_logits, kl_estimators, masked_mean, masked_sum, masked_var,
+                  masked_whiten, position_ids_from_mask, selective_log_softmax, truncate_at_eos)
 from .rewards import call_reward_fn, last_token_index, load_function, reward_model_scores, score_completions
 from .runs import append_jsonl, load_training_state, prepare_output_dir, save_training_state
 from .sampling import generate, generate_mixture, rollout_seeds

@@ -15,11 +15,7 @@ import typing
 
 def _docstrings(cls):
     """{field: docstring} from the string literal right below each annotated field."""
-    try:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-    except (OSError, TypeError):
-        return {}
-    docs = {}
+    body, docs = ast.parse(inspect.getsource(cls)).body[0].body, {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())

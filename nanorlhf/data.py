@@ -27,8 +27,7 @@ def _kind(path):
 
 
 def _first_bad_json_line(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
         for n, line in enumerate(f, 1):
             try:
                 line.strip() and json.loads(line)
@@ -49,8 +48,7 @@ def load_rows(name_or_path, split="train"):
         if not _kind(path):
             raise ValueError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}")
         if split != "train":
-            raise MissingSplit(f"{path}: a single file has only the 'train' split, asked for {split!r} "
-                             "(hold out data with --eval_fraction instead)")
+            raise MissingSplit(f"{path}: a single file has only the 'train' split, asked for {split!r}")
         files = [path]
     elif os.sep in name_or_path and (name_or_path.startswith((".", os.sep, "~")) or _kind(name_or_path)):
         raise FileNotFoundError(f"{name_or_path}: no such file or folder")
@@ -61,13 +59,10 @@ def load_rows(name_or_path, split="train"):
             if "split" in str(e).lower():
                 raise MissingSplit(f"{name_or_path}: {e}") from e
             raise
-    kinds = {_kind(f) for f in files}
-    if len(kinds) > 1:
-        raise ValueError(f"{path}: mixed file types for split {split!r}: {files}")
     if any(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"{next(f for f in files if os.path.getsize(f) == 0)}: empty file")
     try:
-        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+        ds = datasets.load_dataset(_kind(files[0]), data_files=files, split="train")
     except Exception as e:
         bad = next((f"{f}: {b}" for f in files if _kind(f) == "json" for b in [_first_bad_json_line(f)] if b), None)
         raise ValueError(bad or f"{', '.join(files)}: unreadable ({type(e).__name__}: {e})") from e

@@ -17,7 +17,7 @@ def init_distributed():
     cuda = torch.cuda.is_available()
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -37,17 +37,13 @@ def print0(*args, **kwargs):
 
 
 def all_reduce_metrics(metrics, op="mean"):
-    """{name: scalar} -> {name: float} reduced over ranks ("mean", "sum", "min", "max") in one call.
-
-    Every rank must pass the same keys; they are sorted so the order always agrees.
-    """
+    """{name: scalar} -> {name: float} reduced over ranks ("mean", "sum", "min", "max") in one call;
+    every rank passes the same keys (sorted, so the order agrees)."""
     keys = sorted(metrics)
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     if dist.is_initialized():
         t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-               "max": dist.ReduceOp.MAX}
-        dist.all_reduce(t, op=ops[op])
+        dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}.get(op, dist.ReduceOp.SUM))
         if op == "mean":
             t = t / dist.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -104,8 +100,8 @@ def save_hf(model, tokenizer, output_dir, state_dict):
 
 
 def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(state):

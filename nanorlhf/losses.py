@@ -24,10 +24,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_rew
 
 
 def rloo_advantages(rewards, k):
-    """Leave-one-out advantages. rewards (k*B,) in [k, B] layout (row j*B + b = sample j of prompt b).
-
-    A_jb = R_jb - (sum_i R_ib - R_jb) / (k - 1) = k/(k-1) * (R_jb - mean_i R_ib). Returns (k*B,).
-    """
+    """Leave-one-out advantages (k*B,) of rewards (k*B,) in [k, B] layout (row j*B + b = sample j of prompt b):
+    A_jb = R_jb - (sum_i R_ib - R_jb) / (k - 1) = k/(k-1) * (R_jb - mean_i R_ib)."""
     if k < 2 or rewards.numel() % k:
         raise ValueError(f"rloo_advantages needs k >= 2 dividing {rewards.numel()} rewards, got k={k}")
     R = rewards.view(k, -1)  # (k, B)

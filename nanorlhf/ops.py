@@ -45,12 +45,11 @@ def position_ids_from_mask(attention_mask):
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature=1.0, with_entropy=False):
-    """Per-token log pi(y_t | x, y_<t) of a causal LM over completion positions only.
+    """Per-token log pi(y_t | x, y_<t) (B, T) at `temperature` of a causal LM, completion positions only.
 
-    prompt_ids/prompt_mask: (B, P) left-padded; completion_ids: (B, T). The logits that predict
-    y_t sit at positions P-1 .. P+T-2, so only the last T+1 positions are computed
-    (`logits_to_keep`), and the final one is dropped. Returns (B, T) logprobs at `temperature`
-    (and the (B, T) entropy if asked). Completion positions after EOS must be masked by the caller.
+    prompt_ids/prompt_mask (B, P) left-padded, completion_ids (B, T). The logits predicting y_t sit at
+    P-1 .. P+T-2: only the last T+1 are computed (`logits_to_keep`). With with_entropy, also the (B, T)
+    entropy. The caller masks positions after EOS.
     """
     T = completion_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -66,11 +65,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperat
 
 
 def truncate_at_eos(tokens, eos_token_id, pad_token_id):
-    """Cut completions after their first EOS. tokens (B, T) -> (tokens, mask), mask (B, T) bool.
-
-    The mask covers every token up to and including the first EOS (METHODS.md conventions);
-    later positions become pad. eos_token_id may be an int or a list of ids.
-    """
+    """(tokens with pad after the first EOS, mask (B, T) bool up to and including it); eos: int or list."""
     eos = torch.isin(tokens, torch.as_tensor(eos_token_id, device=tokens.device).reshape(-1))
     seen_before = (eos.long().cumsum(-1) - eos.long()) > 0  # (B, T) an EOS strictly earlier
     mask = ~seen_before
@@ -100,9 +95,8 @@ def masked_var(x, mask):
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mu) / sqrt(var + eps) over the masked elements; masked-out entries are left as x."""
-    mu, var = masked_mean(x, mask), masked_var(x, mask)
-    w = (x - mu) * torch.rsqrt(var + eps)
-    w = w if shift_mean else w + mu
+    mu = masked_mean(x, mask)
+    w = (x - mu) * torch.rsqrt(masked_var(x, mask) + eps) + (0.0 if shift_mean else mu)
     return torch.where(mask.bool(), w, x)
 
 

@@ -5,8 +5,8 @@ import shutil
 
 import torch.distributed as dist
 
-from .dist import (full_state_dict, is_main, latest_checkpoint, load_checkpoint, load_full_state_dict, rng_state,
-                   save_checkpoint, set_rng_state)
+from .dist import (full_state_dict, is_main, latest_checkpoint, load_checkpoint, load_full_state_dict, print0,
+                   rng_state, save_checkpoint, set_rng_state)
 
 
 def prepare_output_dir(args, resume_keys):
@@ -77,6 +77,5 @@ def load_training_state(output_dir, model, optimizer, scheduler):
                 keep = [line for line in f if json.loads(line)["step"] <= step]
             with open(os.path.join(output_dir, name), "w") as f:
                 f.writelines(keep)
-    if is_main():
-        print(f"resumed from {path} at step {step}", flush=True)
+    print0(f"resumed from {path} at step {step}")
     return step

@@ -43,8 +43,8 @@ def _pick(logits, u, temperature, top_k, top_p):
 
 
 @torch.no_grad()
-def _generate(models, weights, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, seeds,
-              temperature, top_k, top_p, use_cache, sync):
+def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, seeds,
+              temperature=1.0, top_k=0, top_p=1.0, use_cache=True, sync=False):
     B, device = prompt_ids.shape[0], prompt_ids.device
     if len(seeds) != B:
         raise ValueError(f"need one seed per prompt row: {len(seeds)} seeds for {B} rows")
@@ -96,8 +96,9 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
     log-probs log_softmax(z)[y_t] (B, T) before top-k/top-p filtering, 0 where masked.
     Temperature 0 is greedy (log-probs then at temperature 1).
     """
-    return _generate([model], [1.0], prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
-                     seeds, temperature, top_k, top_p, use_cache, sync)
+    return _generate([model], [1.0], prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, seeds=seeds,
+                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+                     top_p=top_p, use_cache=use_cache, sync=sync)
 
 
 def generate_mixture(model, ref_model, mixture_coef, prompt_ids, prompt_mask, **kwargs):
@@ -109,7 +110,4 @@ def generate_mixture(model, ref_model, mixture_coef, prompt_ids, prompt_mask, **
     """
     if not 0.0 <= mixture_coef <= 1.0:
         raise ValueError(f"mixture_coef must be in [0, 1], got {mixture_coef}")
-    kw = dict(temperature=1.0, top_k=0, top_p=1.0, use_cache=True, sync=False) | kwargs
-    return _generate([ref_model, model], [mixture_coef, 1.0 - mixture_coef], prompt_ids, prompt_mask,
-                     kw["max_new_tokens"], kw["eos_token_id"], kw["pad_token_id"], kw["seeds"],
-                     kw["temperature"], kw["top_k"], kw["top_p"], kw["use_cache"], kw["sync"])
+    return _generate([ref_model, model], [mixture_coef, 1.0 - mixture_coef], prompt_ids, prompt_mask, **kwargs)

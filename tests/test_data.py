@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from nanorlhf import MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, tokenize_pairs, tokenize_prompts
+from nanorlhf import (MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, tokenize_pairs,
+                      tokenize_prompts)
 
 U = lambda s: [{"role": "user", "content": s}]  # noqa: E731
 A = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
