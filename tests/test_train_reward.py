@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from nanorlhf import bradley_terry_loss, pad, reward_model_scores
-from scripts import metrics, run, start
+from scripts import fails, metrics, run, start
 
 SCRIPT = "train_reward.py"
 FAST = ["--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16, "--logging_steps", 1]
@@ -99,10 +99,8 @@ def _bad(tmp_path, rows, name="bad.jsonl"):
     return path
 
 
-def _fails(*args):
-    r = run(SCRIPT, *args, check=False)
-    assert r.returncode != 0
-    return r.stderr + r.stdout
+def _fails(*args, pythonpath=()):
+    return fails(SCRIPT, *args, pythonpath=pythonpath)
 
 
 def test_bad_inputs(world_root, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from scripts import metrics, run, start
+from scripts import fails, metrics, run, start
 
 SCRIPT = "train_rloo.py"
 # 4 prompts x k=2 = 8 completions per step, 8 new tokens at most, 16 eval prompts
@@ -91,9 +91,7 @@ def test_pipeline_with_a_trained_reward_model(world_root, tmp_path):
 
 
 def _fails(*args, pythonpath=()):
-    r = run(SCRIPT, *args, check=False, pythonpath=pythonpath)
-    assert r.returncode != 0
-    return r.stderr + r.stdout
+    return fails(SCRIPT, *args, pythonpath=pythonpath)
 
 
 def test_bad_inputs(world_root, tmp_path):
