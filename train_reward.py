@@ -190,8 +190,7 @@ def collate(rows):
 
 # ----------------------------------------------------------------------------- models
 try:
-    model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, num_labels=1,
-                                                               gguf_file=args.gguf_file)
+    model = nr.load_hf(AutoModelForSequenceClassification, args.model_name_or_path, args.gguf_file, num_labels=1)
 except (ValueError, RuntimeError) as e:
     raise SystemExit(f"{args.model_name_or_path}: cannot load as a sequence classifier with one label ({e}). Pass "
                      "a base model (a Llama/Qwen2/GPT-2 causal LM or a BERT encoder) or a 1-label reward model") from e

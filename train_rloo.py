@@ -227,11 +227,14 @@ def step_prompts(step):
 
 
 # ----------------------------------------------------------------------------- models
-policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
-ref = AutoModelForCausalLM.from_pretrained(args.sft_model_path or args.model_name_or_path,
-                                           gguf_file=None if args.sft_model_path else args.gguf_file)
+policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
+ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
+                 None if args.sft_model_path else args.gguf_file)
 ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
 policy.config.pad_token_id = tokenizer.pad_token_id
+for module in policy.modules():  # as TRL: no dropout, so old and new log-probs differ only by the update
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 policy.to(device)
@@ -265,12 +268,8 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=in
 
 
 # ----------------------------------------------------------------------------- helpers
-def autocast():
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def chunks(n):
-    return range(0, n, args.local_rollout_forward_batch_size)
+autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
 
 
 @torch.no_grad()
@@ -428,7 +427,7 @@ for step in range(start_step, total_steps):
         if nr.is_main():
             bar.write(f"step {step + 1:>5} | scores {m['objective/scores']:.3f} | kl {m['objective/kl']:.3f} | "
                       f"rlhf_reward {m['objective/rlhf_reward']:.3f} | loss {m['loss/policy_avg']:.4f} | "
-                      f"clipfrac {m['policy/clipfrac_avg']:.3f} | len {m['val/length']:.1f} | {m['eps']:.0f} eps")
+                      f"clipfrac {m['policy/clipfrac_avg']:.3f} | len {m['val/length']:.1f} | {m['eps']:.3g} eps")
     done = step + 1 == total_steps
     if eval_ids and (done or (args.eval_steps and (step + 1) % args.eval_steps == 0)
                      or (table_every and (step + 1) % table_every == 0)):

@@ -3,7 +3,7 @@ from .config import given_flags, parse_args
 from .data import (MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, render,
                    tokenize_pairs, tokenize_prompts)
 from .dist import (all_reduce_metrics, full_state_dict, init_distributed, is_main, latest_checkpoint, load_checkpoint,
-                   load_full_state_dict, print0, rng_state, save_checkpoint, save_hf, set_rng_state,
+                   load_full_state_dict, load_hf, print0, rng_state, save_checkpoint, save_hf, set_rng_state,
                    transformer_blocks)
 from .losses import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, rloo_advantages, xpo_loss
 from .ops import (completion_logprobs, entropy_from_logits, kl_estimators, masked_mean, masked_sum, masked_var,

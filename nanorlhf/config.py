@@ -22,12 +22,13 @@ def _docstrings(cls):
     return docs
 
 
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in BOOLS:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return BOOLS[text.lower()]
 
 
 def _converter(tp):

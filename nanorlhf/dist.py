@@ -75,6 +75,18 @@ def load_full_state_dict(model, optimizer, model_state, optimizer_state):
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=opts)
 
 
+def load_hf(auto_class, path, gguf_file=None, **kwargs):
+    """auto_class.from_pretrained(path, gguf_file=...). A GGUF checkpoint arrives dequantized to float
+    tensors but still marked as quantized (HF then refuses to save it): the mark is dropped."""
+    model = auto_class.from_pretrained(path, gguf_file=gguf_file, **kwargs)
+    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        if not all(p.is_floating_point() for p in model.parameters()):
+            raise ValueError(f"{path}/{gguf_file}: weights stayed packed GGUF blocks, which cannot be trained")
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
+
+
 def save_hf(model, tokenizer, output_dir, state_dict):
     """save_pretrained (safetensors) of `state_dict` from full_state_dict, on rank 0 only.
 

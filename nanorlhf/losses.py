@@ -7,11 +7,8 @@ import torch.nn.functional as F
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=None):
-    """L = mean softplus(-(r_c - r_r - m)) + c * mean (r_c + r_r)^2. All inputs (B,).
-
-    softplus(-x) = -logsigmoid(x). The margin keeps shape (B,): TRL v0.13-v0.23 broadcast a
-    (B, 1) margin against (B,) rewards into a (B, B) matrix.
-    """
+    """L = mean softplus(-(r_c - r_r - m)) + c * mean (r_c + r_r)^2, all inputs (B,); softplus(-x) = -logsigmoid(x).
+    The margin keeps shape (B,): TRL v0.13-v0.23 broadcast a (B, 1) margin into a (B, B) matrix."""
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         if margin.shape != diff.shape:
@@ -33,11 +30,9 @@ def rloo_advantages(rewards, k):
 
 
 def ppo_clip_loss(logps, old_logps, advantages, cliprange):
-    """PPO clipped surrogate on sequence log-ratios; all (B,).
-
-    rho = exp(S(l_new) - S(l_old)); L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps)).
-    Returns (loss, stats) with clipfrac = mean[clipped term larger], approxkl = mean (log rho)^2 / 2.
-    """
+    """PPO clipped surrogate on sequence log-ratios, all (B,): rho = exp(S(l_new) - S(l_old)),
+    L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps)). Returns (loss, stats): clipfrac = mean[clipped
+    term larger], approxkl = mean (log rho)^2 / 2, ratio = mean rho."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -66,24 +61,18 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 
 def xpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, ref_sample_logps, beta,
              alpha, loss_type="sigmoid"):
-    """XPO (Xie et al. 2024, Alg. 1): L = mean_b [dpo_b + alpha * S(l(y~_b))].
-
-    ref_sample_logps (B,) is the policy's summed log-prob of the reference sample y~; the bonus
-    has a plus sign, so minimizing lowers the policy's likelihood of reference samples.
-    Returns (loss, {"dpo": mean dpo part, "xpo": mean exploration part}).
-    """
+    """XPO (Xie et al. 2024, Alg. 1): L = mean_b [dpo_b + alpha * S(l(y~_b))], ref_sample_logps (B,) being
+    the policy's summed log-prob of the reference sample y~ (plus sign: minimizing lowers the policy's
+    likelihood of reference samples). Returns (loss, {"dpo": mean dpo part, "xpo": mean bonus part})."""
     dpo = _dpo_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type)
     xpo = alpha * ref_sample_logps
     return (dpo + xpo).mean(), {"dpo": dpo.mean().detach(), "xpo": xpo.mean().detach()}
 
 
 def nash_md_loss(logps, ref_logps, mask, probabilities, beta):
-    """Nash-MD-PG (Munos et al. 2023, the form TRL shipped), per-token inputs (B, T), mask bool.
-
-    L = mean_b [ beta * sum_t sg(l_t - lref_t) l_t - (P_b - 1/2) S(l) ], with P_b = P(y_b beats y'_b).
-    Gradient only through l (the policy sample). Returns (loss, {"kl": mean S(l - lref),
-    "score": mean (P - 1/2) S(l)}).
-    """
+    """Nash-MD-PG (Munos et al. 2023, the form TRL shipped) on per-token (B, T) inputs, mask bool:
+    L = mean_b [beta sum_t sg(l_t - lref_t) l_t - (P_b - 1/2) S(l)], P_b = P(y_b beats y'_b), gradient only
+    through l (the policy sample). Returns (loss, {"kl": mean S(l - lref), "score": mean (P - 1/2) S(l)})."""
     log_ratio = ((logps - ref_logps) * mask).detach()
     kl_term = (log_ratio * logps * mask).sum(-1)  # (B,)
     score = (probabilities - 0.5) * (logps * mask).sum(-1)  # (B,)

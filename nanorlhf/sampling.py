@@ -87,15 +87,11 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
 
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, seeds,
              temperature=1.0, top_k=0, top_p=1.0, use_cache=True, sync=False):
-    """Sample completions y ~ pi(. | x) for left-padded prompts (B, P).
-
-    Per step: z = logits / temperature, keep top_k / top_p, draw by inverse CDF with this row's
-    uniform; rows stop at their first EOS (eos_token_id: int or list), and the loop stops when all
-    rows have (`sync=True` agrees on that across ranks, needed for FSDP-sharded models).
+    """Sample y ~ pi(. | x) for left-padded prompts (B, P): z = logits / temperature, top_k / top_p, an
+    inverse-CDF draw with the row's uniform; rows stop at their first EOS (int or list), the loop when all
+    have (sync=True agrees on that across ranks: needed for FSDP-sharded models). Temperature 0 = greedy.
     Returns tokens (B, T) with pad after EOS, mask (B, T) bool including the EOS, and the sampling
-    log-probs log_softmax(z)[y_t] (B, T) before top-k/top-p filtering, 0 where masked.
-    Temperature 0 is greedy (log-probs then at temperature 1).
-    """
+    log-probs log_softmax(z)[y_t] (B, T), before top-k/top-p filtering, 0 where masked."""
     return _generate([model], [1.0], prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, seeds=seeds,
                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
                      top_p=top_p, use_cache=use_cache, sync=sync)
