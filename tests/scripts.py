@@ -4,8 +4,10 @@ import io
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,9 +28,16 @@ def run(script, *args, procs=1, check=True, timeout=600, pythonpath=()):
     return r
 
 
-def start(script, *args):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after(script, *args, output_dir, checkpoint):
+    """Start a run, SIGKILL it as soon as output_dir/checkpoint exists; assert it was killed mid-run."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--output_dir", str(output_dir),
+                             *map(str, args)], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.isdir(os.path.join(output_dir, checkpoint)):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def metrics(output_dir):

@@ -1,8 +1,6 @@
 """train_reward.py end to end: 1 process, DDP, FSDP2, resume, margin, bad inputs."""
 import json
 import os
-import signal
-import time
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from nanorlhf import bradley_terry_loss, pad, reward_model_scores
-from scripts import fails, metrics, run, start
+from scripts import fails, kill_after, metrics, run
 
 SCRIPT = "train_reward.py"
 FAST = ["--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16, "--logging_steps", 1]
@@ -63,13 +61,7 @@ def test_one_forward_equals_two_forwards():
 def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     common = ["--max_steps", 40, "--save_steps", 4, *FAST]
     run(SCRIPT, "--output_dir", tmp_path / "full", *common)
-    proc = start(SCRIPT, "--output_dir", tmp_path / "cut", *common)
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.isdir(tmp_path / "cut" / "checkpoint-00000008"):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after(SCRIPT, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000008")
     assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
     r = run(SCRIPT, "--output_dir", tmp_path / "cut", "--resume", *common)
     assert "resumed from" in r.stdout

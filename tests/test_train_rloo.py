@@ -2,15 +2,13 @@
 import json
 import math
 import os
-import signal
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from scripts import fails, metrics, run, start
+from scripts import fails, kill_after, metrics, run
 
 SCRIPT = "train_rloo.py"
 # 4 prompts x k=2 = 8 completions per step, 8 new tokens at most, 16 eval prompts
@@ -68,13 +66,7 @@ def test_one_and_two_processes_train_the_same(world_root, tmp_path):
 def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     common = [*FAST, "--total_episodes", 240, "--save_steps", 3, "--eval_steps", 10]
     run(SCRIPT, "--output_dir", tmp_path / "full", *common)
-    proc = start(SCRIPT, "--output_dir", tmp_path / "cut", *common)
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.isdir(tmp_path / "cut" / "checkpoint-00000006"):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after(SCRIPT, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000006")
     r = run(SCRIPT, "--output_dir", tmp_path / "cut", "--resume", *common)
     assert "resumed from" in r.stdout
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
