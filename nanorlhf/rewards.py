@@ -70,10 +70,10 @@ def load_function(spec):
     return fn
 
 
-def call_reward_fn(fn, prompts, completions, low=-math.inf, high=math.inf):
-    """fn(prompts, completions) -> one finite float per completion in [low, high], else ValueError
-    naming the sample. Returns a float32 tensor (B,)."""
-    values = fn(prompts, completions)
+def call_reward_fn(fn, prompts, completions, *more, low=-math.inf, high=math.inf):
+    """fn(prompts, completions, *more) -> one finite float per completion in [low, high], else ValueError
+    naming the sample (a preference function gets a second completion list). Returns a float32 tensor (B,)."""
+    values = fn(prompts, completions, *more)
     values = values.tolist() if torch.is_tensor(values) else list(values)
     if len(values) != len(completions):
         raise ValueError(f"{getattr(fn, '__name__', fn)} returned {len(values)} values for "
