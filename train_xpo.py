@@ -120,11 +120,12 @@ class Args:
     """checkpoints to keep"""
 
 
-WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=64, max_steps=200,
-                      max_new_tokens=16, missing_eos_penalty=1.0, eval_steps=25, num_eval_prompts=200, save_steps=100)
+WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=64, max_steps=200, max_new_tokens=16,
+                      missing_eos_penalty=1.0, eval_steps=25, num_eval_prompts=200, save_steps=100)
 RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "second_sample",
-               "dataset_name", "beta", "alpha", "loss_type", "per_device_train_batch_size", "gradient_accumulation_steps",
-               "num_train_epochs", "max_steps", "learning_rate", "seed", "temperature", "max_new_tokens"]
+               "dataset_name", "beta", "alpha", "loss_type", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "seed", "temperature",
+               "max_new_tokens"]
 
 # ----------------------------------------------------------------------------- setup
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
@@ -361,7 +362,8 @@ for step in range(start_step, total_steps):
         slots, idx = step_prompts(step, k)
         rows, prompts = [train_ids[i] for i in idx], [train_prompts[i] for i in idx]
         ids, mask, y, ym = rollout(rows, nr.rollout_seeds(args.seed, slots, 0))
-        _, _, yt, ytm = rollout(rows, nr.rollout_seeds(args.seed, slots, 1), ref if args.second_sample == "ref" else None)
+        second = ref if args.second_sample == "ref" else None  # None: the policy
+        _, _, yt, ytm = rollout(rows, nr.rollout_seeds(args.seed, slots, 1), second)
         s_y, s_yt = score(prompts, ids, mask, y, ym)[0], score(prompts, ids, mask, yt, ytm)[0]
         chosen_is_y = s_y >= s_yt  # ties go to the policy sample
         ref_y, ref_yt = logprobs(ref, ids, mask, y, ym).sum(1), logprobs(ref, ids, mask, yt, ytm).sum(1)

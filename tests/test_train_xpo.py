@@ -75,7 +75,8 @@ def test_bad_inputs(world_root, tmp_path):
     assert "--loss_type 'hinge': use sigmoid or ipo" in fails(SCRIPT, *out("b"), "--loss_type", "hinge")
     assert "online DPO: pass --alpha 0" in fails(SCRIPT, *out("c"), "--second_sample", "policy")
     assert "--second_sample 'judge'" in fails(SCRIPT, *out("d"), "--second_sample", "judge")
-    (tmp_path / "rewards.py").write_text("def inf(prompts, completions):\n    return [float('inf')] * len(completions)\n")
+    (tmp_path / "rewards.py").write_text("def inf(prompts, completions):\n    return [float('inf')] * len(completions)"
+                                         "\n")
     err = fails(SCRIPT, *out("e"), *FAST, "--reward_fn", "rewards:inf", pythonpath=[tmp_path])
     assert "--reward_fn rewards:inf: inf returned inf for sample 0" in err
     assert "unknown argument(s) --judge" in fails(SCRIPT, *out("f"), "--judge", "x")
