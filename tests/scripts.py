@@ -58,6 +58,9 @@ def fails(script, *args, pythonpath=()):
             return f"{e.code}\n{out.getvalue()}"
     except Exception as e:  # errors raised by the package (data, reward functions) carry their message
         return f"{type(e).__name__}: {e}\n{out.getvalue()}"
-    finally:
+    finally:  # forget the test's own modules (e.g. a reward function file) so the next call imports afresh
         sys.argv, sys.path[:] = argv, path
+        for name, module in list(sys.modules.items()):
+            if any(str(getattr(module, "__file__", None) or "").startswith(str(p)) for p in pythonpath):
+                del sys.modules[name]
     raise AssertionError(f"{script} {args} succeeded; expected a refusal")

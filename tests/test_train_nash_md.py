@@ -33,7 +33,9 @@ def _check(out, world_root, steps):
     return train
 
 
-@pytest.mark.parametrize("procs, extra", [(1, []), (2, []), (2, ["--fsdp"])], ids=["1proc", "ddp", "fsdp"])
+# DDP also runs in test_schedules_and_one_vs_two_processes; this variant is `slow`
+@pytest.mark.parametrize("procs, extra", [(1, []), pytest.param(2, [], marks=pytest.mark.slow), (2, ["--fsdp"])],
+                         ids=["1proc", "ddp", "fsdp"])
 def test_two_steps(world_root, tmp_path, procs, extra):
     run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--per_device_train_batch_size", 4 // procs,
         "--gradient_accumulation_steps", 2 // procs, *extra, procs=procs)

@@ -35,7 +35,9 @@ def _check(out, world_root, steps):
     return train
 
 
-@pytest.mark.parametrize("procs, extra", [(1, []), (2, []), (2, ["--fsdp"])], ids=["1proc", "ddp", "fsdp"])
+# DDP also runs in test_one_and_two_processes_train_the_same; this variant is `slow`
+@pytest.mark.parametrize("procs, extra", [(1, []), pytest.param(2, [], marks=pytest.mark.slow), (2, ["--fsdp"])],
+                         ids=["1proc", "ddp", "fsdp"])
 def test_two_steps(world_root, tmp_path, procs, extra):
     # 8 completions per step in 2 mini-batches: 4 x 1 process or 2 x 2 processes
     run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--num_ppo_epochs", 2, "--num_mini_batches", 2,

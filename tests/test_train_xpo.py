@@ -33,7 +33,9 @@ def _check(out, world_root, steps):
     return train
 
 
-@pytest.mark.parametrize("procs, extra", [(1, []), (2, []), (2, ["--fsdp"]), (1, ["--loss_type", "ipo"])],
+# DDP also runs in test_one_vs_two_processes, and ipo's loss is checked by hand in test_losses: both `slow`
+@pytest.mark.parametrize("procs, extra", [(1, []), pytest.param(2, [], marks=pytest.mark.slow), (2, ["--fsdp"]),
+                                          pytest.param(1, ["--loss_type", "ipo"], marks=pytest.mark.slow)],
                          ids=["1proc", "ddp", "fsdp", "ipo"])
 def test_two_steps(world_root, tmp_path, procs, extra):
     run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--per_device_train_batch_size", 4 // procs,
@@ -75,8 +77,8 @@ def test_bad_inputs(world_root, tmp_path):
     assert "--loss_type 'hinge': use sigmoid or ipo" in fails(SCRIPT, *out("b"), "--loss_type", "hinge")
     assert "online DPO: pass --alpha 0" in fails(SCRIPT, *out("c"), "--second_sample", "policy")
     assert "--second_sample 'judge'" in fails(SCRIPT, *out("d"), "--second_sample", "judge")
-    (tmp_path / "rewards.py").write_text("def inf(prompts, completions):\n    return [float('inf')] * len(completions)"
-                                         "\n")
-    err = fails(SCRIPT, *out("e"), *FAST, "--reward_fn", "rewards:inf", pythonpath=[tmp_path])
-    assert "--reward_fn rewards:inf: inf returned inf for sample 0" in err
+    (tmp_path / "xpo_rewards.py").write_text("def inf(prompts, completions):\n    return [float('inf')] * "
+                                             "len(completions)\n")
+    err = fails(SCRIPT, *out("e"), *FAST, "--reward_fn", "xpo_rewards:inf", pythonpath=[tmp_path])
+    assert "--reward_fn xpo_rewards:inf: inf returned inf for sample 0" in err
     assert "unknown argument(s) --judge" in fails(SCRIPT, *out("f"), "--judge", "x")
