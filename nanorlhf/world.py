@@ -176,6 +176,7 @@ def ensure(root=None):
     """Path of the built world, building it once (into a temp dir, then renamed: never half-written)."""
     root = root or default_root()
     if not os.path.exists(os.path.join(root, "world.json")):
+        print(f"building the built-in world in {root} (once, about 35 s on one CPU core)", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".world-", dir=os.path.dirname(os.path.abspath(root)))
         build(tmp)
