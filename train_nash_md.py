@@ -337,13 +337,13 @@ def evaluate(step):
     mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
     ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
     kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
-    s = torch.zeros(len(mine), device=device)
-    if preference_fn is None:
-        s = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)[0]
+    if preference_fn is None:  # score() decodes the texts too
+        s, p_texts, texts = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
         sums["reward"] = s @ weight
+    else:
+        s = torch.zeros(len(mine), device=device)
+        p_texts, texts = (tokenizer.batch_decode(t, skip_special_tokens=True) for t in (ids, tokens))
     if world_prompts:
         sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
     r = nr.all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")

@@ -323,9 +323,7 @@ def evaluate(step):
     mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
     ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
     kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    s = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)[0]
+    s, p_texts, texts = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
     sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight, "reward": s @ weight}
     if world_prompts:
         sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight

@@ -40,6 +40,12 @@ def kill_after(script, *args, output_dir, checkpoint):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
+def weights(output_dir):
+    """The saved model's tensors, by name."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(output_dir, "model.safetensors"))
+
+
 def metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -4,18 +4,13 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from nanorlhf import bradley_terry_loss, pad, reward_model_scores
-from scripts import fails, kill_after, metrics, run
+from scripts import fails, kill_after, metrics, run, weights
 
 SCRIPT = "train_reward.py"
 FAST = ["--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16, "--logging_steps", 1]
-
-
-def _weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 def _check_output(out, world_root, steps):
@@ -25,7 +20,7 @@ def _check_output(out, world_root, steps):
     assert any("eval/accuracy" in r for r in metrics(out))
     rm = AutoModelForSequenceClassification.from_pretrained(out)
     assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
-    before, after = _weights(os.path.join(world_root, "policy")), _weights(out)
+    before, after = weights(os.path.join(world_root, "policy")), weights(out)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[key], after[key])  # the backbone was trained, not only the head
     assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == steps
@@ -65,7 +60,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
     r = run(SCRIPT, "--output_dir", tmp_path / "cut", "--resume", *common)
     assert "resumed from" in r.stdout
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in full] == [r["step"] for r in cut]
@@ -120,7 +115,7 @@ def test_bad_inputs(world_root, tmp_path):
 def test_output_dir_and_resume_guards(world_root, tmp_path):
     out = tmp_path / "o"
     run(SCRIPT, "--output_dir", out, "--max_steps", 2, "--save_steps", 1, *FAST)
-    before = _weights(out)
+    before = weights(out)
     err = _fails("--output_dir", out, "--max_steps", 2, *FAST)
     assert "holds another run" in err and "--overwrite_output_dir" in err
     err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--learning_rate", 0.5, "--resume")
@@ -130,6 +125,6 @@ def test_output_dir_and_resume_guards(world_root, tmp_path):
         f.write(b"not a checkpoint")
     err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--resume")
     assert "cannot load checkpoint" in err and ckpt in err
-    assert all(torch.equal(before[k], v) for k, v in _weights(out).items())  # the good model is untouched
+    assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # the good model is untouched
     err = _fails("--output_dir", tmp_path / "empty", "--resume", *FAST)
     assert "no checkpoint" in err

@@ -5,19 +5,14 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from scripts import fails, kill_after, metrics, run
+from scripts import fails, kill_after, metrics, run, weights
 
 SCRIPT = "train_rloo.py"
 # 4 prompts x k=2 = 8 completions per step, 8 new tokens at most, 16 eval prompts
 FAST = ["--per_device_train_batch_size", 8, "--total_episodes", 16, "--response_length", 8, "--num_eval_prompts", 16,
         "--num_sample_generations", 0]
-
-
-def _weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 def _check(out, world_root, steps):
@@ -29,7 +24,7 @@ def _check(out, world_root, steps):
     evals = [r for r in recs if "eval/gold_reward" in r]
     assert [r["step"] for r in evals] == [0, steps]
     AutoModelForCausalLM.from_pretrained(out)
-    before, after = _weights(os.path.join(world_root, "policy")), _weights(out)
+    before, after = weights(os.path.join(world_root, "policy")), weights(out)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[key], after[key])
     return train
@@ -59,7 +54,7 @@ def test_one_and_two_processes_train_the_same(world_root, tmp_path):
     common = [*FAST, "--num_ppo_epochs", 2, "--normalize_advantage"]
     run(SCRIPT, "--output_dir", tmp_path / "one", *common)
     run(SCRIPT, "--output_dir", tmp_path / "two", *common, "--per_device_train_batch_size", 4, procs=2)
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert m1[-1]["eval/gold_reward"] == pytest.approx(m2[-1]["eval/gold_reward"], abs=1e-6)
@@ -71,7 +66,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     kill_after(SCRIPT, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000006")
     r = run(SCRIPT, "--output_dir", tmp_path / "cut", "--resume", *common)
     assert "resumed from" in r.stdout
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda recs: [{k: v for k, v in r.items() if k != "eps"} for r in recs]  # noqa: E731 (speed varies)
     assert drop(metrics(tmp_path / "full")) == drop(metrics(tmp_path / "cut"))

@@ -4,19 +4,14 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from scripts import fails, kill_after, metrics, run
+from scripts import fails, kill_after, metrics, run, weights
 
 SCRIPT = "train_xpo.py"
 # 4 prompts per micro-batch, 8 new tokens at most, 16 eval prompts
 FAST = ["--per_device_train_batch_size", 4, "--max_steps", 2, "--max_new_tokens", 8, "--num_eval_prompts", 16,
         "--num_sample_generations", 0]
-
-
-def _weights(path):
-    return load_file(os.path.join(path, "model.safetensors"))
 
 
 def _check(out, world_root, steps):
@@ -27,7 +22,7 @@ def _check(out, world_root, steps):
     assert all(r["objective/entropy"] > 0 and r["logps/chosen"] < 0 for r in train)
     assert [r["step"] for r in recs if "eval/gold_reward" in r] == [0, steps]
     AutoModelForCausalLM.from_pretrained(out)
-    before, after = _weights(os.path.join(world_root, "policy")), _weights(out)
+    before, after = weights(os.path.join(world_root, "policy")), weights(out)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[key], after[key])
     return train
@@ -54,7 +49,7 @@ def test_one_vs_two_processes(world_root, tmp_path):
     common = [*FAST, "--max_steps", 3, "--beta", "0.1:0.05"]
     run(SCRIPT, "--output_dir", tmp_path / "one", *common)
     run(SCRIPT, "--output_dir", tmp_path / "two", *common, "--per_device_train_batch_size", 2, procs=2)
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert [r["beta"] for r in metrics(tmp_path / "one") if "beta" in r] == pytest.approx([0.1, 0.1 - 0.05 / 3,
                                                                                            0.1 - 0.1 / 3])
@@ -65,7 +60,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     run(SCRIPT, "--output_dir", tmp_path / "full", *common)
     kill_after(SCRIPT, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000006")
     assert "resumed from" in run(SCRIPT, "--output_dir", tmp_path / "cut", "--resume", *common).stdout
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     drop = lambda recs: [{k: v for k, v in r.items() if k != "eps"} for r in recs]  # noqa: E731 (speed varies)
     assert drop(metrics(tmp_path / "full")) == drop(metrics(tmp_path / "cut"))
