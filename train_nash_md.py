@@ -11,7 +11,9 @@ Deviations from TRL: y' is sampled with one KV cache per model (TRL recomputed t
 token); log-probs at the sampling temperature (TRL used temperature 1); missing_eos_penalty looks at
 the completion only (TRL looked at prompt + completion, so it never fired with chat templates);
 beta and mixture_coef take a linear schedule "start:end" over training (TRL's per-epoch lists crashed
-on fractional epochs); metrics are masked to completion tokens.
+on fractional epochs); metrics are masked to completion tokens. As TRL: weights float32 whatever the
+checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at 1.0; logps/rejected is the
+reference's log-prob of y, rewards/margins = S(l) - S(lref), rewards/accuracies = mean[margin > 0].
 
 Launch:
     python train_nash_md.py                                  # built-in world, gold reward, 1 process
@@ -20,19 +22,18 @@ Launch:
 """
 # ----------------------------------------------------------------------------- imports
 import functools
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -89,6 +90,10 @@ class Args:
     """optimizer steps; > 0 overrides num_train_epochs"""
     learning_rate: float = 5e-7
     """AdamW learning rate"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
     lr_scheduler_type: str = "linear"
     """linear, cosine or constant"""
     warmup_ratio: float = 0.0
@@ -119,9 +124,7 @@ class Args:
 
 WORLD_DEFAULTS = dict(learning_rate=1e-3, beta="0.01", per_device_train_batch_size=64, max_steps=200,
                       max_new_tokens=16, missing_eos_penalty=1.0, eval_steps=25, num_eval_prompts=200, save_steps=100)
-RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "preference_fn",
-               "dataset_name", "beta", "mixture_coef", "per_device_train_batch_size", "gradient_accumulation_steps",
-               "num_train_epochs", "max_steps", "learning_rate", "seed", "temperature", "max_new_tokens"]
+
 
 # ----------------------------------------------------------------------------- setup
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
@@ -167,10 +170,11 @@ if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.
 micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
 batch_size = micro * accum * world_size  # prompts per optimizer step
 use_bf16 = args.bf16 and device.type == "cuda"
+frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
 if args.bf16 and not use_bf16:
     nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
 torch.manual_seed(args.seed)
-nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
+nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
 
 # ----------------------------------------------------------------------------- data
 tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
@@ -213,7 +217,7 @@ def step_prompts(step, k):
 # ----------------------------------------------------------------------------- models
 policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
 ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
-                 None if args.sft_model_path else args.gguf_file)
+                 None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
 ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
 policy.config.pad_token_id = tokenizer.pad_token_id
 for module in policy.modules():  # no dropout: the samples' log-probs are those of the policy being trained
@@ -222,20 +226,12 @@ for module in policy.modules():  # no dropout: the samples' log-probs are those 
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 policy.to(device)
-reward_model, reward_fn, preference_fn = None, None, None
+preference_fn = nr.load_function(args.preference_fn) if args.preference_fn else None
+scorer = None if preference_fn else nr.Scorer(
+    tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
+    batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
-    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path).to(device)
-    reward_model.eval().requires_grad_(False)
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"{args.reward_model_path}: num_labels={reward_model.config.num_labels}; a reward model has 1")
-    rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path)
-    same_tokenizer = (rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-                      and rm_tokenizer.chat_template == tokenizer.chat_template)
-    nr.print0(f"reward model {args.reward_model_path}: {'same' if same_tokenizer else 'own'} tokenizer")
-elif args.reward_fn:
-    reward_fn = nr.load_function(args.reward_fn)
-else:
-    preference_fn = nr.load_function(args.preference_fn)
+    nr.print0(f"reward model {args.reward_model_path}: {'same' if scorer.same_tokenizer else 'own'} tokenizer")
 if args.fsdp:
     for block in nr.transformer_blocks(policy):
         fully_shard(block)
@@ -247,13 +243,15 @@ elif world_size > 1:
 sampler = policy if args.fsdp else getattr(policy, "module", policy)
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                              weight_decay=args.weight_decay)
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------- helpers
 autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+has_eos = lambda tokens, cmask: nr.contains_eos(tokens, cmask, tokenizer.eos_token_id)  # noqa: E731
 chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
 
 
@@ -288,37 +286,12 @@ def logprobs(model, ids, mask, tokens, cmask):
     return lp.float() * cmask
 
 
-def has_eos(tokens, cmask):
-    return ((tokens == tokenizer.eos_token_id) & cmask).any(1)
-
-
-@torch.no_grad()
-def score(prompts, ids, mask, tokens, cmask):
-    """(scores (B,) with missing_eos_penalty applied, prompt texts, completion texts)."""
-    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    n = args.local_rollout_forward_batch_size
-    if reward_fn is not None:
-        try:
-            s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
-        except ValueError as e:
-            raise SystemExit(f"--reward_fn {args.reward_fn}: {e}") from e
-    elif same_tokenizer:  # the policy's own tokens: prompt (left-padded) + completion (right-padded)
-        full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask, cmask.long()], 1)
-        s = torch.cat([nr.reward_model_scores(reward_model, full[i:i + n], fmask[i:i + n]) for i in chunks(len(ids))])
-    else:
-        s = nr.score_completions(reward_model, rm_tokenizer, prompts, texts, batch_size=n, device=device)
-    if args.missing_eos_penalty is not None:  # EOS looked for in the completion only
-        s = s - args.missing_eos_penalty * ~has_eos(tokens, cmask)
-    return s.float(), p_texts, texts
-
-
 @torch.no_grad()
 def preference(prompts, ids, mask, y, ym, yp, ypm):
     """(P(y beats y') (B,), s(y), s(y')): sigmoid of the score difference, or the preference function's
     probability (then no scores: None)."""
     if preference_fn is None:
-        s_y, s_yp = score(prompts, ids, mask, y, ym)[0], score(prompts, ids, mask, yp, ypm)[0]
+        s_y, s_yp = scorer(prompts, ids, mask, y, ym)[0], scorer(prompts, ids, mask, yp, ypm)[0]
         return torch.sigmoid(s_y - s_yp), s_y, s_yp
     p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     a, b = (tokenizer.batch_decode(t, skip_special_tokens=True) for t in (y, yp))
@@ -339,7 +312,7 @@ def evaluate(step):
     kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
     sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
     if preference_fn is None:  # score() decodes the texts too
-        s, p_texts, texts = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
+        s, p_texts, texts = scorer([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
         sums["reward"] = s @ weight
     else:
         s = torch.zeros(len(mine), device=device)
@@ -361,9 +334,7 @@ def log(record):
 
 # ----------------------------------------------------------------------------- loop
 start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
-if nr.is_main():
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+nr.write_args(args, world_size)
 
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
 if eval_ids and start_step == 0:
@@ -391,26 +362,29 @@ for step in range(start_step, total_steps):
             lp = lp.float() * ym
             loss, st = nr.nash_md_loss(lp, ref_lp, ym, probs, beta)
             (loss / accum).backward()  # mean over micro-batches, explicitly
+        # TRL's definitions: logps/rejected is the reference's log-prob of y (not of y'), rewards/margins the
+        # sequence log-ratio S(l) - S(lref) on y, rewards/accuracies the fraction where it is > 0
+        log_ratio = (lp.detach() - ref_lp).sum(1)  # (B,)
         micro_stats = {
             "loss/kl": st["kl"], "loss/score": st["score"], "objective/entropy": -lp.detach().sum(1).mean(),
             "policy/entropy_avg": nr.masked_mean(ent, ym), "logps/chosen": lp.detach().sum(1).mean(),
-            "logps/rejected": logprobs(sampler, ids, mask, yp, ypm).sum(1).mean(),
-            "rewards/probabilities": probs.mean(), "rewards/accuracies": (probs > 0.5).float().mean(),
+            "logps/rejected": ref_lp.sum(1).mean(), "rewards/margins": log_ratio.mean(),
+            "rewards/accuracies": (log_ratio > 0).float().mean(), "rewards/probabilities": probs.mean(),
             "val/model_contain_eos_token": has_eos(y, ym).float().mean(),
             "val/ref_contain_eos_token": has_eos(yp, ypm).float().mean(), "val/length": ym.sum(1).float().mean()}
         if s_y is not None:
-            micro_stats.update({"rewards/chosen": s_y.mean(), "rewards/rejected": s_yp.mean(),
-                                "rewards/margins": (s_y - s_yp).mean()})
+            micro_stats.update({"rewards/chosen": s_y.mean(), "rewards/rejected": s_yp.mean()})
         for key, v in micro_stats.items():
             stats[key] = stats.get(key, 0.0) + float(v) / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]  # the rate this update uses
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     bar.update(1)
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
         m = nr.all_reduce_metrics(stats)
-        m.update(step=step + 1, beta=beta, mixture_coef=alpha, lr=scheduler.get_last_lr()[0],
+        m.update(step=step + 1, beta=beta, mixture_coef=alpha, lr=lr,
                  episode=(step + 1) * batch_size, eps=(step + 1 - start_step) * batch_size / (time.time() - t0))
         log(m)
         if nr.is_main():

@@ -7,8 +7,12 @@ Chosen and rejected go through one forward pass; r is read at the last real toke
 
 Deviations from TRL: the margin has shape (B,) (TRL v0.13-v0.23 broadcast it to (B, B)); the
 score is read at the last token found from the attention mask (HF's pooling looks for the first
-pad id, wrong when pad == eos); over-long pairs are dropped and counted, never truncated; eval
-accuracy counts ties as wrong.
+pad id, wrong when pad == eos); the score is read at the completion's EOS, which ends the sequence
+(ChatML's "\n" after <|im_end|> is not part of it: the RL scripts score there too); a pair within
+max_length but beyond the model's positions (BERT: 512) keeps its end and is counted, where TRL
+crashed; eval accuracy counts ties as wrong; train records are means over the logging window and `lr`
+is the rate the logged update used. As TRL: weights float32 whatever the checkpoint's dtype, AdamW
+eps 1e-8, weight_decay 0, gradient checkpointing on (off in the built-in world's settings).
 
 Launch:
     python train_reward.py                                   # built-in world, 1 process
@@ -16,19 +20,18 @@ Launch:
         --dataset_name trl-lib/ultrafeedback_binarized --bf16 --output_dir runs/qwen-rm   # add --fsdp to shard
 """
 # ----------------------------------------------------------------------------- imports
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -61,6 +64,8 @@ class Args:
     """c in c * mean (r_c + r_r)^2 (TRL recommends 0.01); None = off"""
     learning_rate: float = 1e-4
     """AdamW peak learning rate"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     lr_scheduler_type: str = "linear"
@@ -79,8 +84,8 @@ class Args:
     """micro-batches per optimizer step (the loss is divided by this)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (0 = no clipping)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward to save memory"""
+    gradient_checkpointing: bool = True
+    """recompute activations in backward to save memory (TRL's RewardConfig default); false is faster"""
     bf16: bool = False
     """bf16 autocast (GPU only; ignored with a notice on CPU)"""
     fsdp: bool = False
@@ -99,11 +104,9 @@ class Args:
 
 # the built-in world is small: these settings reach >90% held-out accuracy in about a minute on a CPU
 WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=32, per_device_eval_batch_size=64,
-                      num_train_epochs=8.0, max_length=64, logging_steps=25, eval_steps=250, save_steps=250)
-# what must match for --resume to continue the same run
-RESUME_KEYS = ["model_name_or_path", "gguf_file", "dataset_name", "eval_fraction", "max_length", "learning_rate",
-               "lr_scheduler_type", "warmup_ratio", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "seed", "center_rewards_coefficient"]
+                      num_train_epochs=8.0, max_length=64, logging_steps=25, eval_steps=250, save_steps=250,
+                      gradient_checkpointing=False)
+
 
 # ----------------------------------------------------------------------------- setup
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
@@ -132,7 +135,7 @@ if args.bf16 and not use_bf16:
 torch.manual_seed(args.seed)
 
 # output directory: refuse to mix with another run, unless asked
-nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
+nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
 
 # ----------------------------------------------------------------------------- data
 tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
@@ -155,10 +158,11 @@ else:
     except nr.MissingSplit as e:  # train without evaluation, and say so
         nr.print0(f"no eval split ({e}); pass --eval_fraction to hold out prompts")
         eval_pairs = []
-train_rows, dropped = nr.tokenize_pairs(tokenizer, train_pairs, args.max_length)
-eval_rows, eval_dropped = nr.tokenize_pairs(tokenizer, eval_pairs, args.max_length)
-nr.print0(f"pairs: {len(train_rows)} train ({dropped} dropped > max_length {args.max_length}), "
-          f"{len(eval_rows)} eval ({eval_dropped} dropped)")
+positions = nr.max_positions(AutoConfig.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file), tokenizer)
+train_rows, dropped, cut = nr.tokenize_pairs(tokenizer, train_pairs, args.max_length, positions)
+eval_rows, eval_dropped, eval_cut = nr.tokenize_pairs(tokenizer, eval_pairs, args.max_length, positions)
+nr.print0(f"pairs: {len(train_rows)} train ({dropped} dropped > max_length {args.max_length}, {cut} cut from the "
+          f"start to the model's {positions} positions), {len(eval_rows)} eval ({eval_dropped} dropped, {eval_cut} cut)")
 global_batch = micro * world_size * accum
 if len(train_rows) < global_batch:
     raise SystemExit(f"{args.dataset_name}: {len(train_rows)} train pairs left after the length filter, fewer than "
@@ -211,7 +215,8 @@ nr.print0(f"model: {type(getattr(model, 'module', model)).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) * (world_size if args.fsdp else 1) / 1e6:.2f}M params")
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                              weight_decay=args.weight_decay)
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
 
@@ -259,14 +264,13 @@ def log(record):
 
 
 # ----------------------------------------------------------------------------- loop
-start_step = nr.load_training_state(args.output_dir, model, optimizer, scheduler) if args.resume else 0
-if nr.is_main():
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+resumed = {"window": []}  # window: per-step stats since the last log (TRL logs their mean over the window)
+start_step = nr.load_training_state(args.output_dir, model, optimizer, scheduler, resumed) if args.resume else 0
+nr.write_args(args, world_size)
 
 model.train()
 bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="reward")
-t0, pairs_done = time.time(), 0
+t0, pairs_done, window = time.time(), 0, resumed["window"]
 for step in range(start_step, total_steps):
     stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
     for k in range(accum):
@@ -285,16 +289,19 @@ for step in range(start_step, total_steps):
         stats["rewards/chosen"] += rc.mean().item() / accum
         stats["rewards/rejected"] += rr.mean().item() / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    stats.update(grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                 lr=scheduler.get_last_lr()[0])  # the rate this update uses
+    window.append(nr.all_reduce_metrics(stats))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     pairs_done += global_batch
     bar.update(1)
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
-        m = nr.all_reduce_metrics(stats)
-        m.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), lr=scheduler.get_last_lr()[0],
-                 grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                 pairs_per_s=pairs_done / (time.time() - t0))
+        m = {k: sum(s[k] for s in window) / len(window) for k in stats}  # as HF: losses averaged over the
+        m.update(lr=window[-1]["lr"], grad_norm=window[-1]["grad_norm"])  # window, lr and grad_norm of the last step
+        m.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), pairs_per_s=pairs_done / (time.time() - t0))
+        window = []
         log(m)
         if nr.is_main():
             bar.write(f"step {step + 1:>6} | loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | margin "
@@ -306,7 +313,8 @@ for step in range(start_step, total_steps):
         if nr.is_main():
             bar.write(f"eval step {step + 1}: " + " | ".join(f"{k[5:]} {v:.4g}" for k, v in e.items()))
     if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-        nr.save_training_state(args.output_dir, step + 1, model, optimizer, scheduler, args.save_total_limit)
+        nr.save_training_state(args.output_dir, step + 1, model, optimizer, scheduler, args.save_total_limit,
+                               extra={"window": window})
 bar.close()
 
 # ----------------------------------------------------------------------------- save

@@ -12,7 +12,10 @@ Deviations from TRL: log-probs of policy, old policy and reference all come from
 the sampling temperature; masks are boolean (no INVALID_LOGPROB = 1.0, whose entropy metric went
 negative); missing_eos_penalty looks at the completion only; normalize_advantage uses statistics
 over all ranks; rollouts depend on (seed, prompt, sample) only, not on the number of processes;
-token_level_kl is accepted and is the same computation (R is summed over tokens either way).
+token_level_kl is accepted and is the same computation (R is summed over tokens either way);
+gradients are clipped at max_grad_norm 1.0 (TRL v0.21's RLOO loop ignored max_grad_norm; pass 0 to match
+it); val/ratio averages the token ratio over completion tokens only (TRL counted padding as ratio 1).
+As TRL: trained weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8 and weight_decay 0.
 
 Launch:
     python train_rloo.py                                     # built-in world, gold reward, 1 process
@@ -21,19 +24,18 @@ Launch:
 """
 # ----------------------------------------------------------------------------- imports
 import functools
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -104,12 +106,16 @@ class Args:
     """accepted for TRL compatibility: the same as the sequence-level form (R is summed over tokens)"""
     learning_rate: float = 5e-5
     """AdamW learning rate (TRL's benchmarks used 3e-6)"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
     lr_scheduler_type: str = "linear"
     """linear, cosine or constant"""
     warmup_ratio: float = 0.0
     """fraction of the updates spent warming up"""
     max_grad_norm: float = 1.0
-    """clip the global gradient norm (0 = off)"""
+    """clip the global gradient norm (0 = off, as TRL v0.21's RLOO loop, which ignored it)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     bf16: bool = False
@@ -135,10 +141,7 @@ class Args:
 WORLD_DEFAULTS = dict(learning_rate=3e-4, per_device_train_batch_size=64, rloo_k=2, num_ppo_epochs=1,
                       total_episodes=12800, response_length=16, stop_token="eos", missing_eos_penalty=1.0,
                       kl_coef=0.1, eval_steps=25, num_eval_prompts=200, save_steps=100)
-RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "dataset_name", "rloo_k",
-               "kl_coef", "num_ppo_epochs", "num_mini_batches", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "total_episodes", "num_train_epochs", "learning_rate", "seed",
-               "temperature", "response_length", "stop_token"]
+
 
 # ----------------------------------------------------------------------------- setup
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
@@ -178,11 +181,12 @@ if local_batch % args.rloo_k:
                      f"completions per process must be divisible by rloo_k = {args.rloo_k}")
 local_prompts = local_batch // args.rloo_k
 use_bf16 = args.bf16 and device.type == "cuda"
+frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
 if args.bf16 and not use_bf16:
     nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
 torch.manual_seed(args.seed)
 
-nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
+nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
 
 # ----------------------------------------------------------------------------- data
 tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
@@ -229,7 +233,7 @@ def step_prompts(step):
 # ----------------------------------------------------------------------------- models
 policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
 ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
-                 None if args.sft_model_path else args.gguf_file)
+                 None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
 ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
 policy.config.pad_token_id = tokenizer.pad_token_id
 for module in policy.modules():  # as TRL: no dropout, so old and new log-probs differ only by the update
@@ -238,18 +242,10 @@ for module in policy.modules():  # as TRL: no dropout, so old and new log-probs 
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 policy.to(device)
-reward_model, reward_fn = None, None
+scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
+                   batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
-    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path).to(device)
-    reward_model.eval().requires_grad_(False)
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"{args.reward_model_path}: num_labels={reward_model.config.num_labels}; a reward model has 1")
-    rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path)
-    same_tokenizer = (rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-                      and rm_tokenizer.chat_template == tokenizer.chat_template)
-    nr.print0(f"reward model {args.reward_model_path}: {'same' if same_tokenizer else 'own'} tokenizer")
-else:
-    reward_fn = nr.load_function(args.reward_fn)
+    nr.print0(f"reward model {args.reward_model_path}: {'same' if scorer.same_tokenizer else 'own'} tokenizer")
 if args.fsdp:
     for block in nr.transformer_blocks(policy):
         fully_shard(block)
@@ -261,7 +257,8 @@ elif world_size > 1:
 sampler = policy if args.fsdp else getattr(policy, "module", policy)
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5)  # TRL's eps
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                              weight_decay=args.weight_decay)
 updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * updates),
                           num_training_steps=updates)
@@ -299,34 +296,6 @@ def logprobs(model, ids, mask, tokens, cmask):
 
 
 @torch.no_grad()
-def score(prompts, ids, mask, tokens, cmask):
-    """(scores (B,) with missing_eos_penalty applied, prompt texts, completion texts)."""
-    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    n = args.local_rollout_forward_batch_size
-    if reward_fn is not None:
-        try:
-            s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
-        except ValueError as e:
-            raise SystemExit(f"--reward_fn {args.reward_fn}: {e}") from e
-    elif same_tokenizer:  # the policy's own tokens: prompt (left-padded) + completion (right-padded)
-        full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask, cmask.long()], 1)
-        s = torch.cat([nr.reward_model_scores(reward_model, full[i:i + n], fmask[i:i + n]) for i in chunks(len(ids))])
-    else:
-        s = nr.score_completions(reward_model, rm_tokenizer, prompts, texts, batch_size=n, device=device)
-    if args.missing_eos_penalty is not None:  # EOS looked for in the completion only
-        s = s - args.missing_eos_penalty * ~((tokens == tokenizer.eos_token_id) & cmask).any(1)
-    return s.float(), p_texts, texts
-
-
-def global_whiten(x):
-    """(x - mean) / std with the statistics of all ranks (TRL used each rank's own)."""
-    m = nr.all_reduce_metrics({"n": x.numel(), "s": x.sum().item(), "s2": (x**2).sum().item()}, op="sum")
-    mean = m["s"] / m["n"]
-    return (x - mean) / (math.sqrt(max(m["s2"] / m["n"] - mean**2, 0.0)) + 1e-8)
-
-
-@torch.no_grad()
 def evaluate(step):
     """Held-out prompts sampled the same way each time (seeds fixed); a short sample table."""
     per_rank = math.ceil(len(eval_ids) / world_size)
@@ -335,7 +304,7 @@ def evaluate(step):
     mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
     ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
     kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    s, p_texts, texts = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
+    s, p_texts, texts = scorer([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
     sums = {"n": weight.sum(), "reward": s @ weight, "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
     if world_prompts:
         sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
@@ -356,9 +325,7 @@ def log(record):
 
 # ----------------------------------------------------------------------------- loop
 start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
-if nr.is_main():
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+nr.write_args(args, world_size)
 
 k, micro, accum = args.rloo_k, args.per_device_train_batch_size, args.gradient_accumulation_steps
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
@@ -374,15 +341,15 @@ for step in range(start_step, total_steps):
     ids, mask, tokens, cmask = rollout([train_ids[i] for i in idx] * k, seeds)
     old = logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
     ref_lp = logprobs(ref, ids, mask, tokens, cmask)
-    scores, _, _ = score([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
+    scores, _, _ = scorer([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
     if args.normalize_reward:
-        scores = global_whiten(scores).clamp(-args.reward_clip_range, args.reward_clip_range)
+        scores = nr.global_whiten(scores).clamp(-args.reward_clip_range, args.reward_clip_range)
     # 2. KL-shaped sequence reward and leave-one-out advantages (no gradient)
     kl = (old - ref_lp).sum(1)  # k1 estimator, summed over the completion
     rewards = scores - args.kl_coef * kl
     adv = nr.rloo_advantages(rewards, k)
     if args.normalize_advantage:
-        adv = global_whiten(adv)
+        adv = nr.global_whiten(adv)
     old_sum = old.sum(1)
     # 3. PPO-clip epochs over mini-batches of this rank's rollouts
     stats = {"loss": [], "clipfrac": [], "approxkl": [], "ratio": [], "entropy": []}
@@ -403,25 +370,27 @@ for step in range(start_step, total_steps):
                 stats["entropy"].append(nr.masked_mean(ent, cmask[rows]).item())
                 for key in ("clipfrac", "approxkl"):
                     stats[key].append(st[key].item())
-                stats["ratio"] += torch.exp(new_sum - old_sum[rows]).tolist()
+                # TRL's val/ratio: the token ratio exp(l - l_old), one mean per micro-batch (completion tokens)
+                stats["ratio"].append(nr.masked_mean(torch.exp(new.detach().float() - old[rows]), cmask[rows]).item())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]  # the rate this update uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     bar.update(1)
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
-        ratio = torch.tensor(stats["ratio"])
+        ratio_mean, ratio_var = nr.global_mean_var(torch.tensor(stats["ratio"]))  # over micro-batches and ranks
         m = nr.all_reduce_metrics({
             "objective/kl": kl.mean(), "objective/entropy": -old_sum.mean(),
             "objective/non_score_reward": (-args.kl_coef * kl).mean(), "objective/rlhf_reward": rewards.mean(),
             "objective/scores": scores.mean(), "policy/approxkl_avg": sum(stats["approxkl"]) / len(stats["loss"]),
             "policy/clipfrac_avg": sum(stats["clipfrac"]) / len(stats["loss"]),
             "loss/policy_avg": sum(stats["loss"]) / len(stats["loss"]),
-            "policy/entropy_avg": sum(stats["entropy"]) / len(stats["loss"]), "val/ratio": ratio.mean(),
-            "val/ratio_var": ratio.var() if len(ratio) > 1 else 0.0,
+            "policy/entropy_avg": sum(stats["entropy"]) / len(stats["loss"]), "val/ratio": ratio_mean,
+            "val/ratio_var": ratio_var,
             "val/num_eos_tokens": ((tokens == tokenizer.eos_token_id) & cmask).sum() * world_size,
             "val/length": cmask.sum(1).float().mean()})
-        m.update(step=step + 1, episode=(step + 1) * batch_size, lr=scheduler.get_last_lr()[0],
+        m.update(step=step + 1, episode=(step + 1) * batch_size, lr=lr,
                  eps=(step + 1 - start_step) * batch_size / (time.time() - t0))
         log(m)
         if nr.is_main():

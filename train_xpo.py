@@ -11,7 +11,10 @@ ordered by the reward, DPO loss.
 
 Deviations from TRL: `logps/chosen` / `logps/rejected` are the policy's log-probs only (TRL added the
 reference's in); log-probs at the sampling temperature; missing_eos_penalty looks at the completion
-only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds.
+only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds. As TRL:
+weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at
+1.0; objective/kl and objective/entropy average both samples; the online-DPO mode logs
+OnlineDPOTrainer's names (objective/scores, objective/scores_margin, objective/rlhf_reward, ...).
 
 Launch:
     python train_xpo.py                                      # built-in world, gold reward, 1 process
@@ -21,19 +24,18 @@ Launch:
 """
 # ----------------------------------------------------------------------------- imports
 import functools
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -92,6 +94,10 @@ class Args:
     """optimizer steps; > 0 overrides num_train_epochs"""
     learning_rate: float = 5e-7
     """AdamW learning rate"""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
     lr_scheduler_type: str = "linear"
     """linear, cosine or constant"""
     warmup_ratio: float = 0.0
@@ -122,10 +128,7 @@ class Args:
 
 WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=64, max_steps=200, max_new_tokens=16,
                       missing_eos_penalty=1.0, eval_steps=25, num_eval_prompts=200, save_steps=100)
-RESUME_KEYS = ["model_name_or_path", "sft_model_path", "reward_model_path", "reward_fn", "second_sample",
-               "dataset_name", "beta", "alpha", "loss_type", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "seed", "temperature",
-               "max_new_tokens"]
+
 
 # ----------------------------------------------------------------------------- setup
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
@@ -165,7 +168,8 @@ if args.loss_type not in ("sigmoid", "ipo"):
     raise SystemExit(f"--loss_type {args.loss_type!r}: use sigmoid or ipo")
 if args.second_sample not in ("ref", "policy"):
     raise SystemExit(f"--second_sample {args.second_sample!r}: use ref (XPO) or policy (online DPO)")
-if args.second_sample == "policy" and args.alpha != "0":
+online_dpo = args.second_sample == "policy"
+if online_dpo and (alpha_at(0.0), alpha_at(1.0)) != (0.0, 0.0):
     raise SystemExit("--second_sample policy is online DPO: pass --alpha 0 (the bonus rewards avoiding ref samples)")
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
     raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
@@ -175,10 +179,11 @@ if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.
 micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
 batch_size = micro * accum * world_size  # prompts per optimizer step
 use_bf16 = args.bf16 and device.type == "cuda"
+frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
 if args.bf16 and not use_bf16:
     nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
 torch.manual_seed(args.seed)
-nr.prepare_output_dir(args, RESUME_KEYS)  # refuse to mix runs, unless asked
+nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
 
 # ----------------------------------------------------------------------------- data
 tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
@@ -221,7 +226,7 @@ def step_prompts(step, k):
 # ----------------------------------------------------------------------------- models
 policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
 ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
-                 None if args.sft_model_path else args.gguf_file)
+                 None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
 ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
 policy.config.pad_token_id = tokenizer.pad_token_id
 for module in policy.modules():  # no dropout: the samples' log-probs are those of the policy being trained
@@ -230,18 +235,10 @@ for module in policy.modules():  # no dropout: the samples' log-probs are those 
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 policy.to(device)
-reward_model, reward_fn = None, None
+scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
+                   batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
-    reward_model = AutoModelForSequenceClassification.from_pretrained(args.reward_model_path).to(device)
-    reward_model.eval().requires_grad_(False)
-    if reward_model.config.num_labels != 1:
-        raise SystemExit(f"{args.reward_model_path}: num_labels={reward_model.config.num_labels}; a reward model has 1")
-    rm_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_path)
-    same_tokenizer = (rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-                      and rm_tokenizer.chat_template == tokenizer.chat_template)
-    nr.print0(f"reward model {args.reward_model_path}: {'same' if same_tokenizer else 'own'} tokenizer")
-else:
-    reward_fn = nr.load_function(args.reward_fn)
+    nr.print0(f"reward model {args.reward_model_path}: {'same' if scorer.same_tokenizer else 'own'} tokenizer")
 if args.fsdp:
     for block in nr.transformer_blocks(policy):
         fully_shard(block)
@@ -253,13 +250,15 @@ elif world_size > 1:
 sampler = policy if args.fsdp else getattr(policy, "module", policy)
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                              weight_decay=args.weight_decay)
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------- helpers
 autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+has_eos = lambda tokens, cmask: nr.contains_eos(tokens, cmask, tokenizer.eos_token_id)  # noqa: E731
 chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
 
 
@@ -289,31 +288,6 @@ def logprobs(model, ids, mask, tokens, cmask):
     return lp.float() * cmask
 
 
-def has_eos(tokens, cmask):
-    return ((tokens == tokenizer.eos_token_id) & cmask).any(1)
-
-
-@torch.no_grad()
-def score(prompts, ids, mask, tokens, cmask):
-    """(scores (B,) with missing_eos_penalty applied, prompt texts, completion texts)."""
-    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    n = args.local_rollout_forward_batch_size
-    if reward_fn is not None:
-        try:
-            s = nr.call_reward_fn(reward_fn, p_texts, texts).to(device)
-        except ValueError as e:
-            raise SystemExit(f"--reward_fn {args.reward_fn}: {e}") from e
-    elif same_tokenizer:  # the policy's own tokens: prompt (left-padded) + completion (right-padded)
-        full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask, cmask.long()], 1)
-        s = torch.cat([nr.reward_model_scores(reward_model, full[i:i + n], fmask[i:i + n]) for i in chunks(len(ids))])
-    else:
-        s = nr.score_completions(reward_model, rm_tokenizer, prompts, texts, batch_size=n, device=device)
-    if args.missing_eos_penalty is not None:  # EOS looked for in the completion only
-        s = s - args.missing_eos_penalty * ~has_eos(tokens, cmask)
-    return s.float(), p_texts, texts
-
-
 @torch.no_grad()
 def evaluate(step):
     """Held-out prompts sampled from the policy the same way each time (seeds fixed); a short sample table."""
@@ -323,7 +297,7 @@ def evaluate(step):
     mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
     ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
     kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    s, p_texts, texts = score([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
+    s, p_texts, texts = scorer([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
     sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight, "reward": s @ weight}
     if world_prompts:
         sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
@@ -342,9 +316,7 @@ def log(record):
 
 # ----------------------------------------------------------------------------- loop
 start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
-if nr.is_main():
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+nr.write_args(args, world_size)
 
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
 if eval_ids and start_step == 0:
@@ -362,7 +334,7 @@ for step in range(start_step, total_steps):
         ids, mask, y, ym = rollout(rows, nr.rollout_seeds(args.seed, slots, 0))
         second = ref if args.second_sample == "ref" else None  # None: the policy
         _, _, yt, ytm = rollout(rows, nr.rollout_seeds(args.seed, slots, 1), second)
-        s_y, s_yt = score(prompts, ids, mask, y, ym)[0], score(prompts, ids, mask, yt, ytm)[0]
+        s_y, s_yt = scorer(prompts, ids, mask, y, ym)[0], scorer(prompts, ids, mask, yt, ytm)[0]
         chosen_is_y = s_y >= s_yt  # ties go to the policy sample
         ref_y, ref_yt = logprobs(ref, ids, mask, y, ym).sum(1), logprobs(ref, ids, mask, yt, ytm).sum(1)
         # 2. XPO loss: DPO on (chosen, rejected) + alpha * S(l(y~)), gradients through both policy forwards
@@ -378,31 +350,41 @@ for step in range(start_step, total_steps):
             loss, parts = nr.xpo_loss(c, r, rc, rr, l_yt, beta, alpha, args.loss_type)
             (loss / accum).backward()  # mean over micro-batches, explicitly
         reward_c, reward_r = beta * (c - rc).detach(), beta * (r - rr).detach()
+        kl_both = torch.cat([l_y - ref_y, l_yt - ref_yt]).detach()  # S(l - lref) of both samples: TRL averages both
         micro_stats = {
-            "loss/dpo": parts["dpo"], "loss/xpo": parts["xpo"], "objective/kl": (l_y - ref_y).detach().mean(),
-            "objective/entropy": -l_y.detach().mean(), "policy/entropy_avg": nr.masked_mean(ent, ym),
-            "objective/model_scores": s_y.mean(), "objective/ref_scores": s_yt.mean(),
-            "objective/scores_margin": (s_y - s_yt).mean(), "rewards/chosen": reward_c.mean(),
+            "loss/dpo": parts["dpo"], "objective/kl": kl_both.mean(), "objective/entropy": -(l_y + l_yt).detach().mean() / 2,
+            "policy/entropy_avg": nr.masked_mean(ent, ym), "rewards/chosen": reward_c.mean(),
             "rewards/rejected": reward_r.mean(), "rewards/accuracies": (reward_c > reward_r).float().mean(),
             "rewards/margins": (reward_c - reward_r).mean(), "logps/chosen": c.detach().mean(),
-            "logps/rejected": r.detach().mean(), "val/model_contain_eos_token": has_eos(y, ym).float().mean(),
-            "val/ref_contain_eos_token": has_eos(yt, ytm).float().mean(), "val/length": ym.sum(1).float().mean()}
+            "logps/rejected": r.detach().mean(), "val/length": ym.sum(1).float().mean()}
+        if online_dpo:  # OnlineDPOTrainer's names and definitions, over both samples
+            s_both, non_score = torch.cat([s_y, s_yt]), -beta * kl_both
+            micro_stats.update({
+                "objective/scores": s_both.mean(), "objective/non_score_reward": non_score.mean(),
+                "objective/rlhf_reward": (s_both + non_score).mean(), "objective/scores_margin": (s_y - s_yt).abs().mean(),
+                "val/contain_eos_token": torch.cat([has_eos(y, ym), has_eos(yt, ytm)]).float().mean()})
+        else:  # XPOTrainer's
+            micro_stats.update({
+                "loss/xpo": parts["xpo"], "objective/model_scores": s_y.mean(), "objective/ref_scores": s_yt.mean(),
+                "objective/scores_margin": (s_y - s_yt).mean(), "val/model_contain_eos_token": has_eos(y, ym).float().mean(),
+                "val/ref_contain_eos_token": has_eos(yt, ytm).float().mean()})
         for key, v in micro_stats.items():
             stats[key] = stats.get(key, 0.0) + float(v) / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]  # the rate this update uses
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     bar.update(1)
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
         m = nr.all_reduce_metrics(stats)
-        m.update(step=step + 1, beta=beta, alpha=alpha, lr=scheduler.get_last_lr()[0],
+        m.update(step=step + 1, beta=beta, **({} if online_dpo else {"alpha": alpha}), lr=lr,
                  episode=(step + 1) * batch_size, eps=(step + 1 - start_step) * batch_size / (time.time() - t0))
         log(m)
         if nr.is_main():
-            bar.write(f"step {step + 1:>5} | dpo {m['loss/dpo']:.4f} | kl {m['objective/kl']:.3f} | scores "
-                      f"{m['objective/model_scores']:.3f} vs {m['objective/ref_scores']:.3f} | acc "
-                      f"{m['rewards/accuracies']:.3f} | len {m['val/length']:.1f} | {m['eps']:.3g} eps")
+            bar.write(f"step {step + 1:>5} | dpo {m['loss/dpo']:.4f} | kl {m['objective/kl']:.3f} | scores_margin "
+                      f"{m['objective/scores_margin']:.3f} | acc {m['rewards/accuracies']:.3f} | len "
+                      f"{m['val/length']:.1f} | {m['eps']:.3g} eps")
     done = step + 1 == total_steps
     if eval_ids and (done or (args.eval_steps and (step + 1) % args.eval_steps == 0)
                      or (table_every and (step + 1) % table_every == 0)):

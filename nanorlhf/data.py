@@ -149,9 +149,13 @@ def render(tokenizer, prompt, completion=None):
 
 
 def encode(tokenizer, prompt, completion=None):
-    """Token ids of the prompt and of the completion. Chat-template text already holds its special
-    tokens; otherwise the prompt gets the tokenizer's own (BOS, or BERT's [CLS] ... [SEP]) and the
-    completion the EOS when it lacks one (as TRL does)."""
+    """Token ids of the prompt and of the completion: the one convention of training and scoring.
+
+    A completion ends at its first EOS, inclusive, and the reward is read there. Chat-template text
+    already holds its special tokens; whatever the template writes after the EOS (ChatML's "\n" after
+    <|im_end|>) is dropped, because the policy stops at the EOS and its rollouts are scored there.
+    Otherwise the prompt gets the tokenizer's own specials (BOS, or BERT's [CLS] ... [SEP]) and the
+    completion an EOS when it lacks one (as TRL does)."""
     p, c = render(tokenizer, prompt, completion)
     templated = not isinstance(prompt, str) and tokenizer.chat_template is not None
     p_ids = tokenizer(p, add_special_tokens=not templated)["input_ids"]
@@ -159,21 +163,35 @@ def encode(tokenizer, prompt, completion=None):
         return p_ids, None
     c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if not templated and eos is not None and (not c_ids or c_ids[-1] != eos):
+    if eos in c_ids:
+        c_ids = c_ids[:c_ids.index(eos) + 1]
+    elif not templated and eos is not None:
         c_ids = c_ids + [eos]
     return p_ids, c_ids
 
 
-def tokenize_pairs(tokenizer, pairs, max_length):
-    """[(chosen_ids, rejected_ids, margin)] of prompt + completion; pairs longer than max_length are
-    dropped (never truncated). Returns (rows, number dropped)."""
-    rows = []
+def keep_end(ids, max_length, special_ids=()):
+    """ids cut to max_length tokens from the start, keeping a leading special token ([CLS], BOS): the end
+    is where a chosen and a rejected completion differ and where the reward is read."""
+    if len(ids) <= max_length:
+        return ids
+    head = ids[:1] if ids[0] in special_ids else []
+    return head + ids[len(ids) - max_length + len(head):]
+
+
+def tokenize_pairs(tokenizer, pairs, max_length, model_max_length=None):
+    """[(chosen_ids, rejected_ids, margin)] of prompt + completion. Pairs longer than max_length are dropped
+    (never truncated, as TRL); a pair within max_length but beyond the model's positions (BERT: 512) is
+    cut from the start by keep_end. Returns (rows, number dropped, number cut)."""
+    rows, cut, limit = [], 0, model_max_length or max_length
     for pair in pairs:
         p, c = encode(tokenizer, pair["prompt"], pair["chosen"])
         _, r = encode(tokenizer, pair["prompt"], pair["rejected"])
         if max(len(p) + len(c), len(p) + len(r)) <= max_length:
-            rows.append((p + c, p + r, pair["margin"]))
-    return rows, len(pairs) - len(rows)
+            cut += max(len(p) + len(c), len(p) + len(r)) > limit
+            rows.append((keep_end(p + c, limit, tokenizer.all_special_ids),
+                         keep_end(p + r, limit, tokenizer.all_special_ids), pair["margin"]))
+    return rows, len(pairs) - len(rows), cut
 
 
 def tokenize_prompts(tokenizer, prompts, max_prompt_length):

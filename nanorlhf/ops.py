@@ -6,28 +6,63 @@ import torch
 import torch.nn.functional as F
 
 
-def _chunks(x, index=None, budget=2**26):
-    """Flatten (..., V) to (N, V) rows and split them into chunks of at most `budget` elements."""
-    n = max(1, budget // x.shape[-1])
-    rows = x.reshape(-1, x.shape[-1]).split(n)
-    return rows if index is None else zip(rows, index.reshape(-1).split(n))
+CHUNK_ELEMENTS = 2**26  # elements of one (rows, V) chunk: 256 MB in float32
+
+
+def _rows(x):
+    """Rows per chunk so that a chunk of (N, V) holds at most CHUNK_ELEMENTS elements."""
+    return max(1, CHUNK_ELEMENTS // x.shape[-1])
+
+
+def _chunks(x, index=None):
+    """Flatten (..., V) to (N, V) rows and split them into chunks of at most _rows(x) rows."""
+    rows = x.reshape(-1, x.shape[-1]).split(_rows(x))
+    return rows if index is None else zip(rows, index.reshape(-1).split(_rows(x)))
+
+
+def _up(z):
+    """float32 for half precision (bf16 log_softmax loses ~1e-2), float64 kept."""
+    return z if z.dtype == torch.float64 else z.float()
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log_softmax(z / t)[index] chunk by chunk; backward recomputes each chunk's softmax, so what is saved
+    for backward is the logits themselves (already alive) plus one logsumexp per row, never a (N, V) copy."""
+
+    @staticmethod
+    def forward(ctx, logits, index, temperature):
+        out, lse = [], []
+        for z, idx in _chunks(logits, index):
+            z = _up(z) / temperature
+            lse.append(torch.logsumexp(z, dim=-1))
+            out.append(z.gather(-1, idx[:, None]).squeeze(-1) - lse[-1])
+        ctx.save_for_backward(logits, index, torch.cat(lse))
+        ctx.temperature = temperature
+        return torch.cat(out).view(index.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # d/dz_v [z_i / t - logsumexp(z / t)] = (onehot_i(v) - softmax(z / t)_v) / t, one chunk at a time
+        logits, index, lse = ctx.saved_tensors
+        V, n = logits.shape[-1], _rows(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        parts = (logits.reshape(-1, V), index.reshape(-1), grad.view(-1, V), lse, grad_out.reshape(-1))
+        for z, idx, out, lse_c, g in zip(*(p.split(n) for p in parts)):
+            d = -torch.exp(_up(z) / ctx.temperature - lse_c[:, None])  # -softmax, (n, V)
+            d.scatter_add_(-1, idx[:, None], torch.ones_like(d[:, :1]))
+            out.copy_(d * (g[:, None] / ctx.temperature))
+        return grad, None, None
 
 
 def selective_log_softmax(logits, index, temperature=1.0):
-    """log_softmax(logits / temperature) gathered at index: (..., V), (...) -> (...).
+    """log_softmax(logits / temperature) gathered at index: (..., V), (...) -> (...), float32 (float64 stays).
 
-    Computed chunk by chunk over rows, so a full (B, T, V) float32 log-softmax never exists at
-    once. fp32/fp64 use z[index] - logsumexp(z); bf16/fp16 upcast one chunk at a time to fp32
-    (log_softmax in half precision loses ~1e-2), so the result is float32 for them.
+    Computed as z[index] - logsumexp(z) chunk by chunk over rows, and differentiated chunk by chunk
+    (a custom backward recomputes each chunk's softmax), so neither the forward nor the memory saved for
+    backward ever holds a full (B, T, V) float32 log-softmax: the saved state is the logits plus one
+    logsumexp per row. bf16/fp16 logits are upcast one chunk at a time.
     """
-    out = []
-    for z, idx in _chunks(logits, index):
-        if z.dtype in (torch.float32, torch.float64):
-            z = z / temperature if temperature != 1.0 else z
-            out.append(z.gather(-1, idx[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1))
-        else:
-            out.append(F.log_softmax(z.float() / temperature, dim=-1).gather(-1, idx[:, None]).squeeze(-1))
-    return torch.cat(out).view(index.shape)
+    return _SelectiveLogSoftmax.apply(logits, index, float(temperature))
 
 
 def entropy_from_logits(logits, temperature=1.0):
@@ -70,6 +105,12 @@ def truncate_at_eos(tokens, eos_token_id, pad_token_id):
     seen_before = (eos.long().cumsum(-1) - eos.long()) > 0  # (B, T) an EOS strictly earlier
     mask = ~seen_before
     return tokens.masked_fill(~mask, pad_token_id), mask
+
+
+def contains_eos(tokens, mask, eos_token_id):
+    """(B,) bool: the completion part (mask True) holds an EOS. Not prompt + completion: a chat template's
+    prompt holds end-of-turn tokens, so TRL's Nash-MD/XPO missing_eos_penalty never fired with one."""
+    return (torch.isin(tokens, torch.as_tensor(eos_token_id, device=tokens.device).reshape(-1)) & mask.bool()).any(1)
 
 
 def masked_sum(x, mask, dim=-1):

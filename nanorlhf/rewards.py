@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from .data import encode, pad
-from .ops import position_ids_from_mask
+from .data import encode, keep_end, pad
+from .dist import load_hf, print0
+from .ops import contains_eos, position_ids_from_mask
 
 
 def last_token_index(attention_mask):
@@ -40,23 +41,38 @@ def reward_model_scores(reward_model, input_ids, attention_mask):
     return logits.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
 
 
+def max_positions(config, tokenizer=None):
+    """How many tokens a model can read: config.max_position_embeddings (BERT 512, GPT-2 1024), capped
+    by the tokenizer's model_max_length when that is set (RoBERTa: 514 positions, 512 usable)."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    return min((n for n in limits if isinstance(n, int) and 0 < n < 10**7), default=None)
+
+
+def rm_sequences(rm_tokenizer, prompts, completions, max_length=None):
+    """Token id lists of (prompt, completion text) pairs as train_reward.py encodes its pairs (`data.encode`:
+    chat template for message prompts, ending at the completion's EOS), cut from the start to max_length
+    by `keep_end`. Returns (sequences, number cut)."""
+    seqs, cut = [], 0
+    for p, c in zip(prompts, completions):
+        p_ids, c_ids = encode(rm_tokenizer, p, c if isinstance(p, str) else [{"role": "assistant", "content": c}])
+        cut += max_length is not None and len(p_ids) + len(c_ids) > max_length
+        seqs.append(keep_end(p_ids + c_ids, max_length or len(p_ids) + len(c_ids), rm_tokenizer.all_special_ids))
+    return seqs, cut
+
+
 def score_completions(reward_model, rm_tokenizer, prompts, completions, batch_size=None, device=None):
     """Reward-model scores (B,) of decoded completions, re-encoded with the reward model's tokenizer.
 
     Used when the reward model's tokenizer differs from the policy's (the policy's token ids mean
-    nothing to it): prompt (string or messages) + completion text are encoded again exactly as
-    train_reward.py encodes its pairs (`data.encode`, chat template when the prompt is messages),
-    and right-padded.
-    """
-    seqs = []
-    for p, c in zip(prompts, completions):
-        p_ids, c_ids = encode(rm_tokenizer, p, c if isinstance(p, str) else [{"role": "assistant", "content": c}])
-        seqs.append(p_ids + c_ids)
+    nothing to it): `rm_sequences`, within the model's positions, right-padded. Returns (scores, number
+    of sequences cut to fit the model)."""
+    limit = max_positions(getattr(reward_model, "module", reward_model).config, rm_tokenizer)
+    seqs, cut = rm_sequences(rm_tokenizer, prompts, completions, limit)
     out, n = [], batch_size or len(seqs)
     for i in range(0, len(seqs), n):
         ids, mask = pad(seqs[i:i + n], rm_tokenizer.pad_token_id, side="right")
         out.append(reward_model_scores(reward_model, ids.to(device), mask.to(device)))
-    return torch.cat(out)
+    return torch.cat(out), cut
 
 
 def load_function(spec):
@@ -83,3 +99,57 @@ def call_reward_fn(fn, prompts, completions, *more, low=-math.inf, high=math.inf
             raise ValueError(f"{getattr(fn, '__name__', fn)} returned {v!r} for sample {i} (must be a finite "
                              f"number in [{low}, {high}]); completion: {completions[i]!r:.120}")
     return torch.tensor(values, dtype=torch.float32)
+
+
+class Scorer:
+    """The score s(x, y) of rollouts, from one of: a reward model (a 1-label sequence classifier), or a
+    Python function `module:function` on (prompt texts, completion texts).
+
+    The reward model reads what train_reward.py trained it on (`data.encode`): prompt + completion up to
+    and including the completion's first EOS, the score read at that EOS. With the policy's own tokenizer
+    and chat template, the policy's ids are that sequence already (prompt left-padded, completion
+    right-padded, nothing after its EOS); with another tokenizer, the texts are re-encoded (`rm_sequences`).
+    missing_eos_penalty is subtracted from completions whose completion part has no EOS.
+    """
+
+    def __init__(self, tokenizer, reward_model_path="", reward_fn="", *, device=None, dtype=torch.float32,
+                 batch_size=64, missing_eos_penalty=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
+        self.missing_eos_penalty, self.reward_fn, self.model, self.spec = missing_eos_penalty, None, None, reward_fn
+        if reward_fn:
+            self.reward_fn = load_function(reward_fn)
+            return
+        self.model = load_hf(AutoModelForSequenceClassification, reward_model_path, dtype=dtype)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{reward_model_path}: num_labels={self.model.config.num_labels}; a reward model has 1")
+        self.model.eval().requires_grad_(False).to(device)
+        self.rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_path)
+        self.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+                               and self.rm_tokenizer.chat_template == tokenizer.chat_template)
+
+    @torch.no_grad()
+    def __call__(self, prompts, ids, mask, tokens, cmask):
+        """prompts: the dataset's prompts (strings or messages); ids/mask (B, P) left-padded prompts, tokens and
+        cmask (B, T) the completions. Returns (scores (B,) float32, prompt texts, completion texts)."""
+        p_texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        n = self.batch_size
+        if self.reward_fn is not None:
+            try:
+                s = call_reward_fn(self.reward_fn, p_texts, texts).to(self.device)
+            except ValueError as e:
+                raise ValueError(f"--reward_fn {self.spec}: {e}") from e
+        elif self.same_tokenizer:
+            full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask.long(), cmask.long()], 1)
+            s = torch.cat([reward_model_scores(self.model, full[i:i + n], fmask[i:i + n])
+                           for i in range(0, len(ids), n)])
+        else:
+            s, cut = score_completions(self.model, self.rm_tokenizer, prompts, texts, n, self.device)
+            if cut:
+                print0(f"reward model: {cut} of {len(texts)} sequences longer than its "
+                       f"{max_positions(self.model.config, self.rm_tokenizer)} positions were cut from the start "
+                       "(the end, where the score is read, is kept)")
+        if self.missing_eos_penalty is not None:
+            s = s - self.missing_eos_penalty * ~contains_eos(tokens, cmask, self.tokenizer.eos_token_id)
+        return s.float(), p_texts, texts

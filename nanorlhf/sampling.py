@@ -63,10 +63,10 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
         for i, (m, w) in enumerate(zip(models, weights)):
             if use_cache:
                 out = m(input_ids=new, attention_mask=mask, position_ids=pos[:, -new.shape[1]:],
-                        past_key_values=caches[i], use_cache=True)
+                        past_key_values=caches[i], use_cache=True, logits_to_keep=1)  # prefill: last position only
                 caches[i] = out.past_key_values
             else:  # full recompute of the prefix (what TRL's Nash-MD mixture sampler did), for reference
-                out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+                out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
             z = z + w * out.logits[:, -1].float()  # (B, V)
         tok = _pick(z, u[:, t], temperature, top_k, top_p).masked_fill(done, pad_token_id)
         logps.append(F.log_softmax(z / (temperature or 1.0), dim=-1).gather(-1, tok[:, None]).squeeze(-1))

@@ -8,8 +8,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForCausalLM
 
-from nanorlhf import (all_reduce_metrics, completion_logprobs, full_state_dict, generate, init_distributed, pad,
-                      rollout_seeds, save_hf, transformer_blocks)
+from nanorlhf import (all_reduce_metrics, completion_logprobs, full_state_dict, generate, global_mean_var,
+                      init_distributed, pad, rollout_seeds, save_hf, transformer_blocks)
 from nanorlhf.world import make_model, make_tokenizer
 
 rank, world, device = init_distributed()
@@ -20,6 +20,8 @@ result = {}
 m = {"b": 2.0 * rank, "a": float(rank)}
 result["mean"], result["min"] = all_reduce_metrics(m), all_reduce_metrics(m, op="min")
 result["max"], result["sum"] = all_reduce_metrics(m, op="max"), all_reduce_metrics(m, op="sum")
+# rank 0 holds [1, 2], rank 1 holds [3, 4, 5]: mean 3, unbiased variance 10 / 4 = 2.5
+result["mean_var"] = global_mean_var(torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([3.0, 4.0, 5.0]))
 
 # 2. DDP gradient on 2 rows per rank == single-process gradient on all 4 rows
 tok = make_tokenizer()

@@ -109,7 +109,7 @@ def test_bad_files(tmp_path):
 def test_over_long_pairs_are_dropped_and_counted(tokenizer):
     pairs = [{"prompt": U("happy cat"), "chosen": A("good"), "rejected": A("bad " * 30), "margin": None},
              {"prompt": U("happy cat"), "chosen": A("good"), "rejected": A("bad"), "margin": None}]
-    rows, dropped = tokenize_pairs(tokenizer, pairs, max_length=10)
+    rows, dropped, cut = tokenize_pairs(tokenizer, pairs, max_length=10)
     assert dropped == 1 and len(rows) == 1
 
 

@@ -86,7 +86,7 @@ def test_different_tokenizer_scores_the_same_text(tokenizer):
     ids, mask = pad(seqs, tokenizer.pad_token_id, side="left")
     with torch.no_grad():
         direct = reward_model_scores(rm_a, ids, mask)
-        retok = score_completions(rm_b, tok_b, prompts, completions, batch_size=1)
+        retok, cut = score_completions(rm_b, tok_b, prompts, completions, batch_size=1)
     torch.testing.assert_close(retok, direct, atol=1e-5, rtol=0)
 
 

@@ -112,3 +112,17 @@ def test_mixture_endpoints_are_plain_samples(tiny_lm, tokenizer, alpha):
     assert torch.equal(mixed[0], plain[0])
     with pytest.raises(ValueError, match="mixture_coef"):
         generate_mixture(tiny_lm, ref, 1.5, ids, mask, **kw)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prefill_computes_last_position_logits_only(tiny_lm, tokenizer, use_cache):
+    # the prompt forward must not materialize (B, P, V) logits: for a 150k vocabulary, 64 rows and
+    # 512-token prompts that is ~10 GB; every forward of the sampler returns one position
+    shapes = []
+    hook = tiny_lm.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        ids, mask = _batch(PROMPTS)
+        generate(tiny_lm, ids, mask, **_kw(tokenizer, rollout_seeds(0, range(4)), use_cache=use_cache))
+    finally:
+        hook.remove()
+    assert len(shapes) > 1 and all(s == (4, 1, len(tokenizer)) for s in shapes), shapes

@@ -1,7 +1,6 @@
-"""The line budgets of STYLE.md: scripts ~450 lines, the package ~900, no package file over ~250.
+"""The line budgets of STYLE.md: scripts ~450 lines, the package library ~1,300, no package file over ~300.
 
-The ~900 covers the library of issue 2 section 2 (pure functions plus plumbing); world.py, the
-built-in task's data generator (section 3), is held to the 250-line file budget on its own.
+world.py, the built-in task's data generator, is held to the file budget on its own.
 """
 import glob
 import os
@@ -24,9 +23,9 @@ def test_script_budgets():
 def test_package_budgets():
     files = glob.glob(os.path.join(ROOT, "nanorlhf", "*.py"))
     for path in files:
-        assert _lines(path) <= 250, f"{os.path.basename(path)}: {_lines(path)} lines > 250"
+        assert _lines(path) <= 300, f"{os.path.basename(path)}: {_lines(path)} lines > 300"
     total = sum(_lines(p) for p in files if os.path.basename(p) != "world.py")
-    assert total <= 900, f"nanorlhf/: {total} lines > 900"
+    assert total <= 1300, f"nanorlhf/: {total} lines > 1300"
 
 
 def test_scripts_share_one_skeleton():

@@ -20,6 +20,8 @@ def _check(out, world_root, steps):
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     assert all(math.isfinite(v) for r in train for v in r.values())
     assert all(r["objective/entropy"] > 0 and 0 <= r["rewards/probabilities"] <= 1 for r in train)
+    # TRL's definitions: logps/rejected is the reference's S(lref(y)), rewards/margins = S(l(y)) - S(lref(y))
+    assert all(r["logps/chosen"] - r["logps/rejected"] == pytest.approx(r["rewards/margins"], abs=1e-5) for r in train)
     assert [r["step"] for r in recs if "eval/gold_reward" in r] == [0, steps]
     AutoModelForCausalLM.from_pretrained(out)
     before, after = weights(os.path.join(world_root, "policy")), weights(out)
@@ -63,9 +65,12 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
 def test_preference_function(world_root, tmp_path):
     (tmp_path / "prefs.py").write_text(
         "def longer(prompts, a, b):\n    return [1.0 if len(x) > len(y) else 0.0 for x, y in zip(a, b)]\n")
-    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--preference_fn", "prefs:longer", pythonpath=[tmp_path])
+    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--preference_fn", "prefs:longer",
+        "--per_device_train_batch_size", 1, "--max_steps", 4, pythonpath=[tmp_path])
     train = [r for r in metrics(tmp_path / "out") if "loss/kl" in r]
     assert "rewards/chosen" not in train[0] and 0 <= train[0]["rewards/probabilities"] <= 1
+    # one prompt per step: rewards/accuracies is TRL's [S(l) - S(lref) > 0] of that prompt (not [P > 1/2])
+    assert all(r["rewards/accuracies"] == float(r["rewards/margins"] > 0) for r in train)
 
 
 def test_bad_inputs(world_root, tmp_path):

@@ -54,7 +54,7 @@ def test_one_forward_equals_two_forwards():
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
-    common = ["--max_steps", 40, "--save_steps", 4, *FAST]
+    common = ["--max_steps", 40, "--save_steps", 4, *FAST, "--logging_steps", 3]  # a log window spans a checkpoint
     run(SCRIPT, "--output_dir", tmp_path / "full", *common)
     kill_after(SCRIPT, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000008")
     assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
@@ -65,6 +65,20 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
     full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in full] == [r["step"] for r in cut]
     assert [r.get("loss") for r in full] == [r.get("loss") for r in cut]
+
+
+def test_records_average_the_logging_window_and_log_the_rate_used(world_root, tmp_path):
+    # as TRL (HF Trainer): a record's loss/accuracy/... are means over the steps since the last record;
+    # lr is the rate the record's own update used (linear schedule over 4 steps from 1e-3: 1e-3, 7.5e-4, ...)
+    run(SCRIPT, "--output_dir", tmp_path / "each", "--max_steps", 4, *FAST)
+    run(SCRIPT, "--output_dir", tmp_path / "pairs", "--max_steps", 4, *FAST, "--logging_steps", 2)
+    each = [r for r in metrics(tmp_path / "each") if "loss" in r]
+    pairs = [r for r in metrics(tmp_path / "pairs") if "loss" in r]
+    assert [r["lr"] for r in each] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [r["step"] for r in pairs] == [2, 4] and [r["lr"] for r in pairs] == pytest.approx([7.5e-4, 2.5e-4])
+    for key in ("loss", "accuracy", "margin", "rewards/chosen"):
+        assert [r[key] for r in pairs] == pytest.approx([(each[0][key] + each[1][key]) / 2,
+                                                         (each[2][key] + each[3][key]) / 2], abs=1e-6)
 
 
 def test_margin_raises_the_loss(world_root, tmp_path):

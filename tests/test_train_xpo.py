@@ -37,12 +37,21 @@ def test_two_steps(world_root, tmp_path, procs, extra):
         "--gradient_accumulation_steps", 2 // procs, *extra, procs=procs)
     train = _check(str(tmp_path / "out"), world_root, 2)
     assert train[0]["alpha"] == 1e-5 and train[0]["loss/xpo"] < 0  # alpha * S(l(y~)), log-probs < 0
+    # TRL's objective/kl averages S(l - lref) over both samples, and rewards/chosen + rewards/rejected is
+    # beta times the sum of the two samples' log-ratios
+    for r in train:
+        assert r["rewards/chosen"] + r["rewards/rejected"] == pytest.approx(2 * r["beta"] * r["objective/kl"], abs=1e-6)
 
 
 def test_online_dpo_mode_trains(world_root, tmp_path):
-    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--second_sample", "policy", "--alpha", 0)
+    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--second_sample", "policy", "--alpha", "0.0")
     train = _check(str(tmp_path / "out"), world_root, 2)
-    assert all(r["loss/xpo"] == 0.0 and r["alpha"] == 0.0 for r in train)
+    for r in train:  # OnlineDPOTrainer's names and definitions; none of XPO's own
+        assert not {"loss/xpo", "alpha", "objective/model_scores", "val/model_contain_eos_token"} & set(r)
+        assert r["objective/scores_margin"] >= 0 and 0 <= r["val/contain_eos_token"] <= 1
+        assert r["objective/non_score_reward"] == pytest.approx(-r["beta"] * r["objective/kl"], abs=1e-6)
+        assert r["objective/rlhf_reward"] == pytest.approx(r["objective/scores"] + r["objective/non_score_reward"],
+                                                           abs=1e-6)
 
 
 def test_one_vs_two_processes(world_root, tmp_path):
