@@ -158,11 +158,13 @@ else:
     except nr.MissingSplit as e:  # train without evaluation, and say so
         nr.print0(f"no eval split ({e}); pass --eval_fraction to hold out prompts")
         eval_pairs = []
-positions = nr.max_positions(AutoConfig.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file), tokenizer)
+config = AutoConfig.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
+positions = nr.max_positions(config, tokenizer)  # BERT: 512; longer pairs within max_length keep their end
 train_rows, dropped, cut = nr.tokenize_pairs(tokenizer, train_pairs, args.max_length, positions)
 eval_rows, eval_dropped, eval_cut = nr.tokenize_pairs(tokenizer, eval_pairs, args.max_length, positions)
 nr.print0(f"pairs: {len(train_rows)} train ({dropped} dropped > max_length {args.max_length}, {cut} cut from the "
-          f"start to the model's {positions} positions), {len(eval_rows)} eval ({eval_dropped} dropped, {eval_cut} cut)")
+          f"start to the model's {positions} positions), {len(eval_rows)} eval ({eval_dropped} dropped, "
+          f"{eval_cut} cut)")
 global_batch = micro * world_size * accum
 if len(train_rows) < global_batch:
     raise SystemExit(f"{args.dataset_name}: {len(train_rows)} train pairs left after the length filter, fewer than "
@@ -300,7 +302,8 @@ for step in range(start_step, total_steps):
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
         m = {k: sum(s[k] for s in window) / len(window) for k in stats}  # as HF: losses averaged over the
         m.update(lr=window[-1]["lr"], grad_norm=window[-1]["grad_norm"])  # window, lr and grad_norm of the last step
-        m.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3), pairs_per_s=pairs_done / (time.time() - t0))
+        m.update(step=step + 1, epoch=round((step + 1) / steps_per_epoch, 3),
+                 pairs_per_s=pairs_done / (time.time() - t0))
         window = []
         log(m)
         if nr.is_main():

@@ -352,7 +352,8 @@ for step in range(start_step, total_steps):
         reward_c, reward_r = beta * (c - rc).detach(), beta * (r - rr).detach()
         kl_both = torch.cat([l_y - ref_y, l_yt - ref_yt]).detach()  # S(l - lref) of both samples: TRL averages both
         micro_stats = {
-            "loss/dpo": parts["dpo"], "objective/kl": kl_both.mean(), "objective/entropy": -(l_y + l_yt).detach().mean() / 2,
+            "loss/dpo": parts["dpo"], "objective/kl": kl_both.mean(),
+            "objective/entropy": -(l_y + l_yt).detach().mean() / 2,
             "policy/entropy_avg": nr.masked_mean(ent, ym), "rewards/chosen": reward_c.mean(),
             "rewards/rejected": reward_r.mean(), "rewards/accuracies": (reward_c > reward_r).float().mean(),
             "rewards/margins": (reward_c - reward_r).mean(), "logps/chosen": c.detach().mean(),
@@ -361,12 +362,14 @@ for step in range(start_step, total_steps):
             s_both, non_score = torch.cat([s_y, s_yt]), -beta * kl_both
             micro_stats.update({
                 "objective/scores": s_both.mean(), "objective/non_score_reward": non_score.mean(),
-                "objective/rlhf_reward": (s_both + non_score).mean(), "objective/scores_margin": (s_y - s_yt).abs().mean(),
+                "objective/rlhf_reward": (s_both + non_score).mean(),
+                "objective/scores_margin": (s_y - s_yt).abs().mean(),  # s_chosen - s_rejected
                 "val/contain_eos_token": torch.cat([has_eos(y, ym), has_eos(yt, ytm)]).float().mean()})
         else:  # XPOTrainer's
             micro_stats.update({
                 "loss/xpo": parts["xpo"], "objective/model_scores": s_y.mean(), "objective/ref_scores": s_yt.mean(),
-                "objective/scores_margin": (s_y - s_yt).mean(), "val/model_contain_eos_token": has_eos(y, ym).float().mean(),
+                "objective/scores_margin": (s_y - s_yt).mean(),
+                "val/model_contain_eos_token": has_eos(y, ym).float().mean(),
                 "val/ref_contain_eos_token": has_eos(yt, ytm).float().mean()})
         for key, v in micro_stats.items():
             stats[key] = stats.get(key, 0.0) + float(v) / accum

@@ -12,8 +12,8 @@ from .dist import (all_reduce_metrics, full_state_dict, global_mean_var, global_
                    latest_checkpoint, load_checkpoint, load_full_state_dict, load_hf, print0, rng_state,
                    save_checkpoint, save_hf, set_rng_state, transformer_blocks)
 from .losses import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, rloo_advantages, xpo_loss
-from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean, masked_sum, masked_var,
-                  masked_whiten, position_ids_from_mask, selective_log_softmax, truncate_at_eos)
+from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean, masked_sum,
+                  masked_var, masked_whiten, position_ids_from_mask, selective_log_softmax, truncate_at_eos)
 from .rewards import (Scorer, call_reward_fn, last_token_index, load_function, max_positions, reward_model_scores,
                       rm_sequences, score_completions)
 from .runs import append_jsonl, load_training_state, prepare_output_dir, save_training_state, write_args

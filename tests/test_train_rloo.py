@@ -50,6 +50,17 @@ def test_one_epoch_one_mini_batch_is_reinforce(world_root, tmp_path):
     assert abs(r["loss/policy_avg"]) < 1e-7
 
 
+def test_ratio_metrics_and_lr_are_trls(world_root, tmp_path):
+    # 2 PPO epochs of one micro-batch each: TRL's val/ratio is the mean of the micro-batches' token-ratio
+    # means [1 (first epoch: the sampling policy itself), m], val/ratio_var their variance (ddof 1), so
+    # var = 2 (1 - val/ratio)^2; lr is the rate of the step's last update: 3e-4 x (1 - 1/2) of 2 updates
+    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--total_episodes", 8, "--num_ppo_epochs", 2)
+    (r,) = [r for r in metrics(tmp_path / "out") if "val/ratio" in r]
+    assert r["val/ratio"] != 1.0
+    assert r["val/ratio_var"] == pytest.approx(2 * (1 - r["val/ratio"]) ** 2, rel=1e-4)
+    assert r["lr"] == pytest.approx(1.5e-4)
+
+
 def test_one_and_two_processes_train_the_same(world_root, tmp_path):
     common = [*FAST, "--num_ppo_epochs", 2, "--normalize_advantage"]
     run(SCRIPT, "--output_dir", tmp_path / "one", *common)
