@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForSequenceClassification, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -109,38 +109,32 @@ WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=32, per_de
 
 
 # ----------------------------------------------------------------------------- setup
+nr.clean_errors()  # a bad input ends in one line naming it, not a traceback
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
+nr.check_flags(args)
 rank, world_size, device = nr.init_distributed()
 builtin = not args.model_name_or_path and not args.dataset_name
 if builtin:
-    changed = {k: v for k, v in WORLD_DEFAULTS.items() if k not in nr.given_flags()}
-    for k, v in changed.items():
-        setattr(args, k, v)
+    changed = nr.apply_defaults(args, WORLD_DEFAULTS)
     nr.print0(f"built-in world: using its recommended settings {changed} (any flag given wins)")
 if not args.model_name_or_path or not args.dataset_name:
     root = world.ensure()
     args.model_name_or_path = args.model_name_or_path or os.path.join(root, "policy")
     args.dataset_name = args.dataset_name or os.path.join(root, "preferences")
 micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-if micro < 1 or accum < 1 or args.per_device_eval_batch_size < 1:
-    raise SystemExit("per_device_train_batch_size, per_device_eval_batch_size and gradient_accumulation_steps "
-                     "must be >= 1")
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
-    raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
-if not 0.0 <= args.eval_fraction < 1.0:
-    raise SystemExit(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
+if args.eval_fraction == 1.0:
+    nr.usage_error("--eval_fraction 1.0 leaves nothing to train on: use a value in [0, 1)")
 use_bf16 = args.bf16 and device.type == "cuda"
 if args.bf16 and not use_bf16:
     nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
 torch.manual_seed(args.seed)
 
-# output directory: refuse to mix with another run, unless asked
-nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
+replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
 
 # ----------------------------------------------------------------------------- data
-tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
-if tokenizer.pad_token is None:  # the score is read from the attention mask, so pad == eos is safe
-    tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+tokenizer = nr.load_tokenizer(args.model_name_or_path, args.gguf_file)  # pad = eos if none (masks say what is real)
 
 
 def load_pairs(split):
@@ -268,7 +262,7 @@ def log(record):
 # ----------------------------------------------------------------------------- loop
 resumed = {"window": []}  # window: per-step stats since the last log (TRL logs their mean over the window)
 start_step = nr.load_training_state(args.output_dir, model, optimizer, scheduler, resumed) if args.resume else 0
-nr.write_args(args, world_size)
+nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
 model.train()
 bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="reward")
@@ -291,6 +285,7 @@ for step in range(start_step, total_steps):
         stats["rewards/chosen"] += rc.mean().item() / accum
         stats["rewards/rejected"] += rr.mean().item() / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    nr.check_finite(step + 1, loss=stats["loss"], grad_norm=grad_norm)  # stop before a NaN update, on every rank
     stats.update(grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                  lr=scheduler.get_last_lr()[0])  # the rate this update uses
     window.append(nr.all_reduce_metrics(stats))
@@ -322,6 +317,7 @@ bar.close()
 
 # ----------------------------------------------------------------------------- save
 nr.save_hf(model, tokenizer, args.output_dir, nr.full_state_dict(model))
+nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved reward model to {args.output_dir} ({time.time() - t0:.0f}s training)")
 if dist.is_initialized():
     dist.destroy_process_group()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -144,13 +144,13 @@ WORLD_DEFAULTS = dict(learning_rate=3e-4, per_device_train_batch_size=64, rloo_k
 
 
 # ----------------------------------------------------------------------------- setup
+nr.clean_errors()  # a bad input ends in one line naming it, not a traceback
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
+nr.check_flags(args)
 rank, world_size, device = nr.init_distributed()
 builtin = not args.model_name_or_path and not args.dataset_name
 if builtin:
-    changed = {k: v for k, v in WORLD_DEFAULTS.items() if k not in nr.given_flags()}
-    for k, v in changed.items():
-        setattr(args, k, v)
+    changed = nr.apply_defaults(args, WORLD_DEFAULTS)
     nr.print0(f"built-in world: using its recommended settings {changed} (any flag given wins)")
 world_prompts = not args.dataset_name
 if not args.model_name_or_path or not args.dataset_name:
@@ -159,25 +159,22 @@ if not args.model_name_or_path or not args.dataset_name:
     args.dataset_name = args.dataset_name or os.path.join(root, "prompts")
 if not args.reward_model_path and not args.reward_fn:
     if not world_prompts:
-        raise SystemExit("pass --reward_model_path or --reward_fn (the gold reward exists only for the built-in world)")
+        nr.usage_error("pass --reward_model_path or --reward_fn (the gold reward exists only for the built-in world)")
     args.reward_fn = "nanorlhf.world:gold_reward"
 if args.reward_model_path and args.reward_fn:
-    raise SystemExit("pass one of --reward_model_path and --reward_fn, not both")
+    nr.usage_error("pass one of --reward_model_path and --reward_fn, not both")
 if args.rloo_k < 2:
-    raise SystemExit(f"--rloo_k must be >= 2 (the leave-one-out baseline needs another sample), got {args.rloo_k}")
+    nr.usage_error(f"--rloo_k must be >= 2 (the leave-one-out baseline needs another sample), got {args.rloo_k}")
 if args.stop_token not in (None, "eos"):
-    raise SystemExit(f"--stop_token must be 'eos' or none, got {args.stop_token!r}")
+    nr.usage_error(f"--stop_token must be 'eos' or none, got {args.stop_token!r}")
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
-    raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
-if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_mini_batches,
-       args.num_ppo_epochs, args.local_rollout_forward_batch_size, args.response_length) < 1:
-    raise SystemExit("batch sizes, num_mini_batches, num_ppo_epochs and response_length must be >= 1")
+    nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
 # batch arithmetic (TRL's names): an episode is one completion
 local_mini_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # completions per update
 local_batch = local_mini_batch * args.num_mini_batches  # completions per rank per step
 batch_size = local_batch * world_size  # completions per step
 if local_batch % args.rloo_k:
-    raise SystemExit(f"per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {local_batch} "
+    nr.usage_error(f"per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {local_batch} "
                      f"completions per process must be divisible by rloo_k = {args.rloo_k}")
 local_prompts = local_batch // args.rloo_k
 use_bf16 = args.bf16 and device.type == "cuda"
@@ -186,12 +183,10 @@ if args.bf16 and not use_bf16:
     nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
 torch.manual_seed(args.seed)
 
-nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
+replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
 
 # ----------------------------------------------------------------------------- data
-tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
-if tokenizer.pad_token is None:  # masks come from the sampler, never from pad ids, so pad == eos is safe
-    tokenizer.pad_token = tokenizer.eos_token
+tokenizer = nr.load_tokenizer(args.model_name_or_path, args.gguf_file)  # pad = eos if none (masks say what is real)
 eos_ids = [tokenizer.eos_token_id] if args.stop_token == "eos" else []
 
 
@@ -235,6 +230,9 @@ policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_fil
 ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
                  None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
 ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
+if ref.config.vocab_size != policy.config.vocab_size:
+    raise nr.InputError(f"--sft_model_path {args.sft_model_path}: vocabulary of {ref.config.vocab_size} tokens, the "
+                        f"policy's has {policy.config.vocab_size}: the reference must share the policy's tokenizer")
 policy.config.pad_token_id = tokenizer.pad_token_id
 for module in policy.modules():  # as TRL: no dropout, so old and new log-probs differ only by the update
     if isinstance(module, torch.nn.Dropout):
@@ -325,7 +323,7 @@ def log(record):
 
 # ----------------------------------------------------------------------------- loop
 start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
-nr.write_args(args, world_size)
+nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
 k, micro, accum = args.rloo_k, args.per_device_train_batch_size, args.gradient_accumulation_steps
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
@@ -351,6 +349,7 @@ for step in range(start_step, total_steps):
     if args.normalize_advantage:
         adv = nr.global_whiten(adv)
     old_sum = old.sum(1)
+    nr.check_finite(step + 1, rewards=rewards, advantages=adv)  # stop every rank before a NaN update
     # 3. PPO-clip epochs over mini-batches of this rank's rollouts
     stats = {"loss": [], "clipfrac": [], "approxkl": [], "ratio": [], "entropy": []}
     for epoch in range(args.num_ppo_epochs):
@@ -373,6 +372,7 @@ for step in range(start_step, total_steps):
                 # TRL's val/ratio: the token ratio exp(l - l_old), one mean per micro-batch (completion tokens)
                 stats["ratio"].append(nr.masked_mean(torch.exp(new.detach().float() - old[rows]), cmask[rows]).item())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+            nr.check_finite(step + 1, loss=stats["loss"][-1], grad_norm=grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
             optimizer.step()
             scheduler.step()
@@ -410,6 +410,7 @@ bar.close()
 
 # ----------------------------------------------------------------------------- save
 nr.save_hf(policy, tokenizer, args.output_dir, nr.full_state_dict(policy))
+nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved policy to {args.output_dir} ({time.time() - t0:.0f}s training)")
 if dist.is_initialized():
     dist.destroy_process_group()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -131,13 +131,13 @@ WORLD_DEFAULTS = dict(learning_rate=1e-3, per_device_train_batch_size=64, max_st
 
 
 # ----------------------------------------------------------------------------- setup
+nr.clean_errors()  # a bad input ends in one line naming it, not a traceback
 args = nr.parse_args(Args, description=__doc__.split("\n")[0])
+nr.check_flags(args)
 rank, world_size, device = nr.init_distributed()
 builtin = not args.model_name_or_path and not args.dataset_name
 if builtin:
-    changed = {k: v for k, v in WORLD_DEFAULTS.items() if k not in nr.given_flags()}
-    for k, v in changed.items():
-        setattr(args, k, v)
+    changed = nr.apply_defaults(args, WORLD_DEFAULTS)
     nr.print0(f"built-in world: using its recommended settings {changed} (any flag given wins)")
 world_prompts = not args.dataset_name
 if not args.model_name_or_path or not args.dataset_name:
@@ -146,36 +146,23 @@ if not args.model_name_or_path or not args.dataset_name:
     args.dataset_name = args.dataset_name or os.path.join(root, "prompts")
 if not args.reward_model_path and not args.reward_fn:
     if not world_prompts:
-        raise SystemExit("pass --reward_model_path or --reward_fn (the gold reward exists only for the built-in world)")
+        nr.usage_error("pass --reward_model_path or --reward_fn (the gold reward exists only for the built-in world)")
     args.reward_fn = "nanorlhf.world:gold_reward"
 if args.reward_model_path and args.reward_fn:
-    raise SystemExit("pass one of --reward_model_path and --reward_fn, not both")
-
-
-def schedule(flag, lo, hi):
-    """A flag that is a number or 'start:end' -> f(fraction of training done), checked to be in [lo, hi]."""
-    try:
-        start, end = (float(x) for x in (getattr(args, flag).split(":") * 2)[:2])
-    except ValueError:
-        raise SystemExit(f"--{flag} {getattr(args, flag)!r}: expected a number or 'start:end'") from None
-    if not (lo <= start <= hi and lo <= end <= hi):
-        raise SystemExit(f"--{flag} {getattr(args, flag)}: values must be in [{lo}, {hi}]")
-    return lambda frac: start + (end - start) * frac
-
-
-beta_at, alpha_at = schedule("beta", 0.0, math.inf), schedule("alpha", 0.0, math.inf)
+    nr.usage_error("pass one of --reward_model_path and --reward_fn, not both")
+beta_at, alpha_at = nr.parse_schedule("beta", args.beta, 0, math.inf), nr.parse_schedule("alpha", args.alpha, 0,
+                                                                                         math.inf)
+if args.loss_type == "ipo" and min(beta_at(0.0), beta_at(1.0)) == 0:
+    nr.usage_error("--loss_type ipo regresses onto 1 / (2 beta): --beta must be > 0")
 if args.loss_type not in ("sigmoid", "ipo"):
-    raise SystemExit(f"--loss_type {args.loss_type!r}: use sigmoid or ipo")
+    nr.usage_error(f"--loss_type {args.loss_type!r}: use sigmoid or ipo")
 if args.second_sample not in ("ref", "policy"):
-    raise SystemExit(f"--second_sample {args.second_sample!r}: use ref (XPO) or policy (online DPO)")
+    nr.usage_error(f"--second_sample {args.second_sample!r}: use ref (XPO) or policy (online DPO)")
 online_dpo = args.second_sample == "policy"
 if online_dpo and (alpha_at(0.0), alpha_at(1.0)) != (0.0, 0.0):
-    raise SystemExit("--second_sample policy is online DPO: pass --alpha 0 (the bonus rewards avoiding ref samples)")
+    nr.usage_error("--second_sample policy is online DPO: pass --alpha 0 (the bonus rewards avoiding ref samples)")
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
-    raise SystemExit(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
-if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.local_rollout_forward_batch_size,
-       args.max_new_tokens) < 1:
-    raise SystemExit("batch sizes, gradient_accumulation_steps and max_new_tokens must be >= 1")
+    nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
 micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
 batch_size = micro * accum * world_size  # prompts per optimizer step
 use_bf16 = args.bf16 and device.type == "cuda"
@@ -183,12 +170,10 @@ frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and re
 if args.bf16 and not use_bf16:
     nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
 torch.manual_seed(args.seed)
-nr.prepare_output_dir(args, world_size)  # refuse to mix runs, unless asked
+replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
 
 # ----------------------------------------------------------------------------- data
-tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, gguf_file=args.gguf_file)
-if tokenizer.pad_token is None:  # masks come from the sampler, never from pad ids, so pad == eos is safe
-    tokenizer.pad_token = tokenizer.eos_token
+tokenizer = nr.load_tokenizer(args.model_name_or_path, args.gguf_file)  # pad = eos if none (masks say what is real)
 
 
 def load_prompts(split):
@@ -228,6 +213,9 @@ policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_fil
 ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
                  None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
 ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
+if ref.config.vocab_size != policy.config.vocab_size:
+    raise nr.InputError(f"--sft_model_path {args.sft_model_path}: vocabulary of {ref.config.vocab_size} tokens, the "
+                        f"policy's has {policy.config.vocab_size}: the reference must share the policy's tokenizer")
 policy.config.pad_token_id = tokenizer.pad_token_id
 for module in policy.modules():  # no dropout: the samples' log-probs are those of the policy being trained
     if isinstance(module, torch.nn.Dropout):
@@ -316,7 +304,7 @@ def log(record):
 
 # ----------------------------------------------------------------------------- loop
 start_step = nr.load_training_state(args.output_dir, policy, optimizer, scheduler) if args.resume else 0
-nr.write_args(args, world_size)
+nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
 if eval_ids and start_step == 0:
@@ -348,6 +336,7 @@ for step in range(start_step, total_steps):
             c, r = torch.where(chosen_is_y, l_y, l_yt), torch.where(chosen_is_y, l_yt, l_y)
             rc, rr = torch.where(chosen_is_y, ref_y, ref_yt), torch.where(chosen_is_y, ref_yt, ref_y)
             loss, parts = nr.xpo_loss(c, r, rc, rr, l_yt, beta, alpha, args.loss_type)
+            nr.check_finite(step + 1, scores=torch.cat([s_y, s_yt]), loss=loss)  # on every rank, before backward
             (loss / accum).backward()  # mean over micro-batches, explicitly
         reward_c, reward_r = beta * (c - rc).detach(), beta * (r - rr).detach()
         kl_both = torch.cat([l_y - ref_y, l_yt - ref_yt]).detach()  # S(l - lref) of both samples: TRL averages both
@@ -374,6 +363,7 @@ for step in range(start_step, total_steps):
         for key, v in micro_stats.items():
             stats[key] = stats.get(key, 0.0) + float(v) / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
+    nr.check_finite(step + 1, grad_norm=grad_norm)
     lr = scheduler.get_last_lr()[0]  # the rate this update uses
     optimizer.step()
     scheduler.step()
@@ -401,6 +391,7 @@ bar.close()
 
 # ----------------------------------------------------------------------------- save
 nr.save_hf(policy, tokenizer, args.output_dir, nr.full_state_dict(policy))
+nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved policy to {args.output_dir} ({time.time() - t0:.0f}s training)")
 if dist.is_initialized():
     dist.destroy_process_group()

@@ -8,6 +8,8 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
+import os
 import sys
 import types
 import typing
@@ -20,6 +22,87 @@ def _docstrings(cls):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+class InputError(ValueError):
+    """A bad input (file, row, field, model folder, checkpoint, output folder): one message, exit code 1."""
+
+
+def usage_error(message):
+    """A bad flag value: `prog: error: message` on stderr and exit code 2, as argparse does."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# what every script's flags must satisfy, by name (a script checks the ones it has)
+NONNEG = ("learning_rate", "max_grad_norm", "weight_decay", "eval_steps", "save_steps", "save_total_limit",
+          "kl_coef", "missing_eos_penalty", "center_rewards_coefficient", "num_sample_generations", "num_eval_prompts")
+POSITIVE = ("logging_steps", "adam_epsilon", "num_train_epochs", "per_device_train_batch_size",
+            "per_device_eval_batch_size", "gradient_accumulation_steps", "local_rollout_forward_batch_size",
+            "num_mini_batches", "num_ppo_epochs", "response_length", "max_new_tokens", "temperature", "cliprange",
+            "reward_clip_range", "max_length", "max_prompt_length")
+FRACTION = ("warmup_ratio", "eval_fraction")
+
+
+def check_flags(args):
+    """Usage error naming the first flag out of range: NONNEG >= 0, POSITIVE > 0, FRACTION in [0, 1]; None
+    (off) passes. --fsdp needs torchrun."""
+    for names, ok, what in ((NONNEG, lambda v: v >= 0, ">= 0"), (POSITIVE, lambda v: v > 0, "> 0"),
+                            (FRACTION, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                usage_error(f"--{name} {value}: must be {what}")
+    if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
+        usage_error(f"--fsdp shards the model over processes: launch with torchrun, e.g. torchrun --standalone "
+                    f"--nproc_per_node 2 {os.path.basename(sys.argv[0])} --fsdp")
+
+
+def parse_schedule(flag, text, lo, hi):
+    """A flag that is a number or 'start:end' -> f(fraction of training done), linear from start to end;
+    both values finite and in [lo, hi], else a usage error naming the flag."""
+    parts = str(text).split(":")
+    try:
+        if len(parts) > 2:
+            raise ValueError(text)
+        start, end = float(parts[0]), float(parts[-1])
+    except ValueError:
+        usage_error(f"--{flag} {text!r}: expected a number or 'start:end'")
+    if not (math.isfinite(start) and math.isfinite(end)):
+        usage_error(f"--{flag} {text}: values must be finite")
+    if not (lo <= start <= hi and lo <= end <= hi):
+        usage_error(f"--{flag} {text}: values must be in [{lo}, {hi}]")
+    return lambda frac: start + (end - start) * frac
+
+
+def apply_defaults(args, defaults, argv=None):
+    """Set recommended settings on the flags not given (a given --num_train_epochs also keeps a recommended
+    max_steps / total_episodes away): any flag given wins. Returns what was set."""
+    given = given_flags(argv)
+    if "num_train_epochs" in given:
+        given |= {"max_steps", "total_episodes"}
+    changed = {k: v for k, v in defaults.items() if k not in given}
+    for k, v in changed.items():
+        setattr(args, k, v)
+    return changed
+
+
+def clean_errors():
+    """Every script's first call: an uncaught InputError or OSError (bad file, read-only folder, hub out of
+    reach) prints `prog: error: message` alone and exits 1; other exceptions (bugs) keep their traceback."""
+    def hook(kind, value, tb):
+        if issubclass(kind, (InputError, OSError)):
+            print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
+        else:
+            sys.__excepthook__(kind, value, tb)
+    sys.excepthook = hook
+
+
+def number(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -37,7 +120,7 @@ def _converter(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         inner, _ = _converter(args[0])
         return (lambda s: None if s.lower() == "none" else inner(s)), False
-    return (_bool, True) if tp is bool else (tp, False)
+    return (_bool, True) if tp is bool else (number if tp is float else tp, False)
 
 
 def parse_args(cls, argv=None, description=None):

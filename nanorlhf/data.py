@@ -14,6 +14,9 @@ import os
 
 import torch
 
+from .config import InputError
+from .dist import print0
+
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet"}
 HH_MARKER = "\n\nAssistant:"
 
@@ -27,12 +30,17 @@ def _kind(path):
 
 
 def _first_bad_json_line(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
-        for n, line in enumerate(f, 1):
-            try:
+    n = 0
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
                 line.strip() and json.loads(line)
-            except json.JSONDecodeError as e:
-                return f"line {n}: {e}"
+    except json.JSONDecodeError as e:
+        return f"line {n}: {e}"
+    except UnicodeDecodeError as e:
+        return f"line {n + 1}: not UTF-8 ({e})"
+    except (EOFError, OSError) as e:  # gzip.BadGzipFile is an OSError
+        return f"after line {n}: the file is cut or corrupt ({type(e).__name__}: {e})"
     return None
 
 
@@ -46,28 +54,32 @@ def load_rows(name_or_path, split="train"):
             raise MissingSplit(f"{path}: no {split}.jsonl / {split}.jsonl.gz / {split}.parquet file in folder")
     elif os.path.isfile(path):
         if not _kind(path):
-            raise ValueError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}")
+            raise InputError(f"{path}: unsupported file type; use one of {', '.join(EXTENSIONS)}")
         if split != "train":
             raise MissingSplit(f"{path}: a single file has only the 'train' split, asked for {split!r}")
         files = [path]
-    elif os.sep in name_or_path and (name_or_path.startswith((".", os.sep, "~")) or _kind(name_or_path)):
-        raise FileNotFoundError(f"{name_or_path}: no such file or folder")
+    elif _kind(name_or_path) or name_or_path.startswith((".", os.sep, "~")) or name_or_path.count("/") > 1 \
+            or os.path.isdir(name_or_path.split("/")[0]):  # a hub name is "name" or "owner/name"
+        raise InputError(f"{name_or_path}: no such file or folder")
     else:
         try:
             return datasets.load_dataset(name_or_path, split=split)
-        except ValueError as e:
-            if "split" in str(e).lower():
+        except Exception as e:  # no such split; offline, unknown name, no access
+            if isinstance(e, ValueError) and "split" in str(e).lower():
                 raise MissingSplit(f"{name_or_path}: {e}") from e
-            raise
+            raise InputError(f"{name_or_path}: not a local file or folder, and the hub dataset did not load "
+                             f"({type(e).__name__}: {e})") from e
     if any(os.path.getsize(f) == 0 for f in files):
-        raise ValueError(f"{next(f for f in files if os.path.getsize(f) == 0)}: empty file")
+        raise InputError(f"{next(f for f in files if os.path.getsize(f) == 0)}: empty file")
+    bad = next((f"{f}: {b}" for f in files if _kind(f) == "json" for b in [_first_bad_json_line(f)] if b), None)
+    if bad:  # not JSON, not UTF-8, a cut .gz: found before datasets half-reads the file
+        raise InputError(bad)
     try:
         ds = datasets.load_dataset(_kind(files[0]), data_files=files, split="train")
     except Exception as e:
-        bad = next((f"{f}: {b}" for f in files if _kind(f) == "json" for b in [_first_bad_json_line(f)] if b), None)
-        raise ValueError(bad or f"{', '.join(files)}: unreadable ({type(e).__name__}: {e})") from e
+        raise InputError(f"{', '.join(files)}: unreadable ({type(e).__name__}: {e})") from e
     if len(ds) == 0:
-        raise ValueError(f"{', '.join(files)}: no rows")
+        raise InputError(f"{', '.join(files)}: no rows")
     return ds
 
 
@@ -76,20 +88,20 @@ def _check(value, source, row, field):
     where = f"{source}: row {row}, field {field!r}"
     if isinstance(value, str):
         if not value.strip():
-            raise ValueError(f"{where}: empty string")
+            raise InputError(f"{where}: empty string")
     elif isinstance(value, list) and value:
         for m in value:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise ValueError(f"{where}: messages must be {{'role': str, 'content': str}}, got {m!r:.80}")
+                raise InputError(f"{where}: messages must be {{'role': str, 'content': str}}, got {m!r:.80}")
     else:
-        raise ValueError(f"{where}: expected a non-empty string or list of messages, got {value!r:.80}")
+        raise InputError(f"{where}: expected a non-empty string or list of messages, got {value!r:.80}")
     return value
 
 
 def _split_implicit(chosen, rejected, source, row):
     """Prompt = shared prefix (whole messages; for strings cut back to the last hh-rlhf marker)."""
     if type(chosen) is not type(rejected):
-        raise ValueError(f"{source}: row {row}: 'chosen' and 'rejected' mix strings and messages")
+        raise InputError(f"{source}: row {row}: 'chosen' and 'rejected' mix strings and messages")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -97,18 +109,17 @@ def _split_implicit(chosen, rejected, source, row):
         n = chosen.rindex(HH_MARKER, 0, n) + len(HH_MARKER)
     prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     _check(prompt, source, row, "prompt (the shared prefix of chosen and rejected)")
-    if chosen == rejected:  # an empty answer alone is allowed: hh-rlhf has a few
-        raise ValueError(f"{source}: row {row}: 'chosen' and 'rejected' are identical")
-    return prompt, chosen, rejected
+    return prompt, chosen, rejected  # an empty answer alone is allowed: hh-rlhf has a few
 
 
 def preference_pairs(ds, source):
-    """Rows -> [{"prompt", "chosen", "rejected", "margin"}]; margin from a `margin` column, else None."""
+    """Rows -> [{"prompt", "chosen", "rejected", "margin"}]; margin from a `margin` column, else None.
+    Pairs whose chosen and rejected answers are identical carry no preference: dropped and counted."""
     missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{source}: preference data needs columns 'chosen' and 'rejected'; missing "
+        raise InputError(f"{source}: preference data needs columns 'chosen' and 'rejected'; missing "
                          f"{missing}, found {ds.column_names}")
-    pairs = []
+    pairs, same = [], []
     for i, r in enumerate(ds):
         c, rj = _check(r["chosen"], source, i, "chosen"), _check(r["rejected"], source, i, "rejected")
         if r.get("prompt") is None:
@@ -117,8 +128,14 @@ def preference_pairs(ds, source):
             p = _check(r["prompt"], source, i, "prompt")
         m = r.get("margin")
         if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m)):
-            raise ValueError(f"{source}: row {i}, field 'margin': expected a finite number, got {m!r}")
-        pairs.append({"prompt": p, "chosen": c, "rejected": rj, "margin": m})
+            raise InputError(f"{source}: row {i}, field 'margin': expected a finite number, got {m!r}")
+        if c == rj:
+            same.append(i)
+        else:
+            pairs.append({"prompt": p, "chosen": c, "rejected": rj, "margin": m})
+    if same:
+        print0(f"{source}: dropped {len(same)} pairs whose chosen and rejected are identical (rows {same[:5]}"
+               f"{' ...' if len(same) > 5 else ''})")
     return pairs
 
 
@@ -128,7 +145,7 @@ def prompts_of(ds, source):
         return [_check(r["prompt"], source, i, "prompt") for i, r in enumerate(ds)]
     if "chosen" in ds.column_names:
         return [p["prompt"] for p in preference_pairs(ds, source)]
-    raise ValueError(f"{source}: prompt data needs a 'prompt' column (or 'chosen'/'rejected'), "
+    raise InputError(f"{source}: prompt data needs a 'prompt' column (or 'chosen'/'rejected'), "
                      f"found {ds.column_names}")
 
 
@@ -144,7 +161,7 @@ def render(tokenizer, prompt, completion=None):
         return p, None
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     if not full.startswith(p):
-        raise ValueError("chat template: prompt + completion does not start with the rendered prompt")
+        raise InputError("chat template: prompt + completion does not start with the rendered prompt")
     return p, full[len(p):]
 
 
@@ -195,7 +212,11 @@ def tokenize_pairs(tokenizer, pairs, max_length, model_max_length=None):
 
 
 def tokenize_prompts(tokenizer, prompts, max_prompt_length):
-    """[(prompt_index, ids)] for prompts of at most max_prompt_length tokens; returns (rows, dropped)."""
+    """[(prompt_index, ids)] for prompts of at most max_prompt_length tokens; returns (rows, dropped). A policy
+    needs a chat template for conversational prompts (else they render as lines it never saw)."""
+    if tokenizer.chat_template is None and any(not isinstance(p, str) for p in prompts):
+        raise InputError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: conversational prompts need a chat "
+                         "template and this tokenizer has none; use a chat/instruct model or string prompts")
     rows = [(i, encode(tokenizer, p)[0]) for i, p in enumerate(prompts)]
     kept = [(i, ids) for i, ids in rows if len(ids) <= max_prompt_length]
     return kept, len(rows) - len(kept)

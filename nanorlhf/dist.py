@@ -1,12 +1,17 @@
 """Distributed plumbing: process group, rank-0 printing, metric all-reduce, saving, checkpoints."""
+import ctypes
 import glob
 import math
 import os
 import random
 import shutil
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
+
+from .config import InputError
 
 
 def init_distributed():
@@ -20,6 +25,10 @@ def init_distributed():
         torch.set_num_threads(1)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
+    if sys.platform == "linux":  # die with the launcher: a kill -9 of torchrun leaves no orphan ranks
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -50,10 +59,20 @@ def all_reduce_metrics(metrics, op="mean"):
     return dict(zip(keys, t.tolist()))
 
 
+def check_finite(step, **values):
+    """Stop every rank together, before anything is written, when a value of this step (loss, gradient norm,
+    scores) is NaN or infinite. A collective: every rank calls it at the same point."""
+    local = {k: float(not torch.isfinite(torch.as_tensor(v.full_tensor() if hasattr(v, "full_tensor") else v,
+                                                         dtype=torch.float64)).all()) for k, v in values.items()}
+    bad = [k for k, v in all_reduce_metrics(local, op="max").items() if v]
+    if bad:
+        raise SystemExit(f"step {step}: non-finite {' and '.join(bad)}; stopped without saving (checkpoints and model "
+                         "files untouched). Lower --learning_rate, keep --max_grad_norm > 0, check the reward, flags")
+
+
 def global_mean_var(x):
-    """(mean, unbiased variance) of every element of x on every rank, in float64 and two passes: ddof=1 as
-    TRL's whiten; E[x^2] - mean^2 in float32 loses the variance (scores at offset 300 with std 0.1013 gave
-    0.0812 for the std)."""
+    """(mean, unbiased variance) of x over all ranks, float64, two passes, ddof=1 as TRL's whiten (E[x^2] - mean^2
+    in float32 gave std 0.0812 for scores at offset 300 with std 0.1013)."""
     x = x.detach().double().reshape(-1)
     s = all_reduce_metrics({"n": x.numel(), "s": x.sum().item()}, op="sum")
     mean = s["s"] / s["n"]
@@ -86,20 +105,51 @@ def full_state_dict(model, optimizer=None):
 
 
 def load_full_state_dict(model, optimizer, model_state, optimizer_state):
-    """Inverse of full_state_dict: rank 0 passes the full dicts (other ranks may pass {}); they are
-    broadcast and each rank keeps its shard (FSDP2) or a full copy (DDP)."""
+    """Inverse of full_state_dict: every rank passes the full dicts and keeps its shard (FSDP2) or a full
+    copy (DDP). (With broadcast_from_rank0, ranks other than 0 passing {} returned at once and trained on
+    while rank 0 waited in the broadcast: --resume under torchrun hung.)"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    opts = StateDictOptions(full_state_dict=True)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=opts)
+
+
+def _check_model_path(path, gguf_file=None):
+    where = os.path.expanduser(path)
+    if os.path.isdir(where) and not gguf_file and not os.path.exists(os.path.join(where, "config.json")):
+        raise InputError(f"{path}: no config.json in this folder, so it is not a Hugging Face model folder")
+    if gguf_file and not os.path.exists(os.path.join(where, gguf_file)) and os.path.isdir(where):
+        raise InputError(f"{path}: no file {gguf_file} in this folder")
+    if not os.path.exists(where) and (path.startswith((".", os.sep, "~")) or path.count("/") > 1):
+        raise InputError(f"{path}: no such folder")
+
+
+def load_tokenizer(path, gguf_file=None):
+    """AutoTokenizer.from_pretrained with a clear error; pad = EOS (or UNK) when missing (masks say what is real)."""
+    from transformers import AutoTokenizer
+    _check_model_path(path, gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e})") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
 
 
 def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
     """auto_class.from_pretrained(path, gguf_file=...) in `dtype`, float32 by default whatever the checkpoint
-    holds: transformers 5 loads dtype="auto", so a bf16 hub checkpoint would train in pure bf16 and AdamW
-    would drop every update below bf16's resolution (measured: 821 of 76,096 weights changed at lr 5e-7).
-    Pass bfloat16 only for frozen models under GPU autocast. A GGUF checkpoint arrives dequantized but
-    still marked as quantized (HF then refuses to save it): the mark is dropped."""
-    model = auto_class.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **kwargs)
+    holds (transformers 5 loads dtype="auto": AdamW on bf16 weights drops most small updates); bfloat16 is
+    for frozen models under GPU autocast. A dequantized GGUF checkpoint loses its quantized mark (HF would
+    refuse to save it)."""
+    _check_model_path(path, gguf_file)
+    try:
+        model = auto_class.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **kwargs)
+    except OSError as e:  # not a local folder, and the hub is out of reach or has no such model
+        raise InputError(f"{path}: cannot load ({e})") from e
+    kinds = model.config.architectures or []
+    if auto_class.__name__ == "AutoModelForCausalLM" and kinds and all("ForSequenceClassification" in k
+                                                                         for k in kinds):
+        raise InputError(f"{path}: a sequence classifier ({kinds[0]}, a reward model?), not a causal LM policy")
     if gguf_file and getattr(model, "hf_quantizer", None) is not None:
         if not all(p.is_floating_point() for p in model.parameters()):
             raise ValueError(f"{path}/{gguf_file}: weights stayed packed GGUF blocks, which cannot be trained")
@@ -147,7 +197,7 @@ def set_rng_state(state):
 def save_checkpoint(output_dir, step, state, keep=2):
     """Rank 0 writes `state` to output_dir/checkpoint-<step>: into a .tmp folder first, renamed when
     complete, so a kill mid-save leaves the previous checkpoint as the latest loadable one.
-    Keeps the newest `keep` checkpoints."""
+    Keeps the newest `keep` checkpoints (0: all)."""
     if not is_main():
         return
     final = os.path.join(output_dir, f"checkpoint-{step:08d}")
@@ -157,14 +207,8 @@ def save_checkpoint(output_dir, step, state, keep=2):
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    for old in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")))[:-keep]:
+    for old in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")))[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
-
-
-def latest_checkpoint(output_dir):
-    """Path of the newest complete checkpoint in output_dir, or None."""
-    done = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")))
-    return done[-1] if done else None
 
 
 def load_checkpoint(path):
@@ -173,4 +217,4 @@ def load_checkpoint(path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{file}: cannot load checkpoint ({type(e).__name__}: {e})") from e
+        raise InputError(f"{file}: cannot load checkpoint ({type(e).__name__}: {e})") from e

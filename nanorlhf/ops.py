@@ -9,8 +9,7 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 2**26  # elements of one (rows, V) chunk: 256 MB in float32
 
 
-def _rows(x):
-    """Rows per chunk so that a chunk of (N, V) holds at most CHUNK_ELEMENTS elements."""
+def _rows(x):  # rows per chunk: at most CHUNK_ELEMENTS elements of (N, V)
     return max(1, CHUNK_ELEMENTS // x.shape[-1])
 
 
@@ -108,8 +107,7 @@ def truncate_at_eos(tokens, eos_token_id, pad_token_id):
 
 
 def contains_eos(tokens, mask, eos_token_id):
-    """(B,) bool: the completion part (mask True) holds an EOS. Not prompt + completion: a chat template's
-    prompt holds end-of-turn tokens, so TRL's Nash-MD/XPO missing_eos_penalty never fired with one."""
+    """(B,) bool: the completion (mask True) holds an EOS; not the prompt, whose template has EOS tokens."""
     return (torch.isin(tokens, torch.as_tensor(eos_token_id, device=tokens.device).reshape(-1)) & mask.bool()).any(1)
 
 

@@ -1,9 +1,11 @@
 """Scoring completions: a sequence-classification reward model, or a Python function on texts."""
 import importlib
 import math
+import numbers
 
 import torch
 
+from .config import InputError
 from .data import encode, keep_end, pad
 from .dist import load_hf, print0
 from .ops import contains_eos, position_ids_from_mask
@@ -26,7 +28,7 @@ def reward_model_scores(reward_model, input_ids, attention_mask):
     """
     model = getattr(reward_model, "module", reward_model)  # DDP
     if model.config.num_labels != 1:
-        raise ValueError(f"a reward model needs num_labels=1, this one has {model.config.num_labels}")
+        raise InputError(f"a reward model needs num_labels=1, this one has {model.config.num_labels}")
     head = getattr(model, "score", None)
     if head is None:
         return reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
@@ -42,16 +44,13 @@ def reward_model_scores(reward_model, input_ids, attention_mask):
 
 
 def max_positions(config, tokenizer=None):
-    """How many tokens a model can read: config.max_position_embeddings (BERT 512, GPT-2 1024), capped
-    by the tokenizer's model_max_length when that is set (RoBERTa: 514 positions, 512 usable)."""
+    """Tokens a model reads: max_position_embeddings (BERT 512), capped by the tokenizer's model_max_length."""
     limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     return min((n for n in limits if isinstance(n, int) and 0 < n < 10**7), default=None)
 
 
 def rm_sequences(rm_tokenizer, prompts, completions, max_length=None):
-    """Token id lists of (prompt, completion text) pairs as train_reward.py encodes its pairs (`data.encode`:
-    chat template for message prompts, ending at the completion's EOS), cut from the start to max_length
-    by `keep_end`. Returns (sequences, number cut)."""
+    """Ids of (prompt, completion text) as train_reward.py encodes them, cut by keep_end: (sequences, number cut)."""
     seqs, cut = [], 0
     for p, c in zip(prompts, completions):
         p_ids, c_ids = encode(rm_tokenizer, p, c if isinstance(p, str) else [{"role": "assistant", "content": c}])
@@ -79,38 +78,49 @@ def load_function(spec):
     """'package.module:function' -> the function (for --reward_fn / --preference_fn)."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"expected 'module:function', got {spec!r}")
-    fn = getattr(importlib.import_module(module), name, None)
+        raise InputError(f"expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError as e:
+        raise InputError(f"{spec}: cannot import {module} ({e}); is its folder on PYTHONPATH?") from e
     if not callable(fn):
-        raise ValueError(f"{spec}: {module} has no function {name!r}")
+        raise InputError(f"{spec}: {module} has no function {name!r}")
     return fn
 
 
 def call_reward_fn(fn, prompts, completions, *more, low=-math.inf, high=math.inf):
-    """fn(prompts, completions, *more) -> one finite float per completion in [low, high], else ValueError
-    naming the sample (a preference function gets a second completion list). Returns a float32 tensor (B,)."""
-    values = fn(prompts, completions, *more)
-    values = values.tolist() if torch.is_tensor(values) else list(values)
+    """fn(prompts, completions, *more) -> one finite real per completion in [low, high] (a list, tuple,
+    tensor or numpy array), else InputError naming the function and the sample (a preference function
+    gets a second completion list); an exception inside fn is reported with the batch it failed on.
+    Returns a float32 tensor (B,)."""
+    name = getattr(fn, "__name__", fn)
+    try:
+        values = fn(prompts, completions, *more)
+    except Exception as e:
+        raise InputError(f"{name} raised {type(e).__name__}: {e} (on a batch of {len(completions)} completions; "
+                         f"the first: {completions[0]!r:.120})") from e
+    if hasattr(values, "tolist"):  # tensor, numpy array or numpy scalar
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise InputError(f"{name} returned {values!r:.80}, expected one number per completion")
+    values = [v.item() if hasattr(v, "item") else v for v in values]
     if len(values) != len(completions):
-        raise ValueError(f"{getattr(fn, '__name__', fn)} returned {len(values)} values for "
+        raise InputError(f"{name} returned {len(values)} values for "
                          f"{len(completions)} completions")
     for i, v in enumerate(values):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and low <= v <= high):
-            raise ValueError(f"{getattr(fn, '__name__', fn)} returned {v!r} for sample {i} (must be a finite "
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high):
+            raise InputError(f"{name} returned {v!r} for sample {i} (must be a finite "
                              f"number in [{low}, {high}]); completion: {completions[i]!r:.120}")
     return torch.tensor(values, dtype=torch.float32)
 
 
 class Scorer:
-    """The score s(x, y) of rollouts, from one of: a reward model (a 1-label sequence classifier), or a
-    Python function `module:function` on (prompt texts, completion texts).
+    """The score s(x, y) of rollouts: a reward model (1-label sequence classifier) or a function `module:fn`
+    on (prompt texts, completion texts), minus missing_eos_penalty where the completion has no EOS.
 
-    The reward model reads what train_reward.py trained it on (`data.encode`): prompt + completion up to
-    and including the completion's first EOS, the score read at that EOS. With the policy's own tokenizer
-    and chat template, the policy's ids are that sequence already (prompt left-padded, completion
-    right-padded, nothing after its EOS); with another tokenizer, the texts are re-encoded (`rm_sequences`).
-    missing_eos_penalty is subtracted from completions whose completion part has no EOS.
-    """
+    The reward model reads what train_reward.py trained it on (`data.encode`): prompt + completion up to and
+    including its first EOS, scored at that EOS. With the policy's tokenizer and template the policy's ids
+    are that sequence already; with another tokenizer the texts are re-encoded (`rm_sequences`)."""
 
     def __init__(self, tokenizer, reward_model_path="", reward_fn="", *, device=None, dtype=torch.float32,
                  batch_size=64, missing_eos_penalty=None):
@@ -121,8 +131,11 @@ class Scorer:
             self.reward_fn = load_function(reward_fn)
             return
         self.model = load_hf(AutoModelForSequenceClassification, reward_model_path, dtype=dtype)
+        if not any("ForSequenceClassification" in k for k in self.model.config.architectures or []):
+            raise InputError(f"{reward_model_path}: not a reward model (a {self.model.config.architectures} checkpoint "
+                             "would get a random score head); train one with train_reward.py")
         if self.model.config.num_labels != 1:
-            raise ValueError(f"{reward_model_path}: num_labels={self.model.config.num_labels}; a reward model has 1")
+            raise InputError(f"{reward_model_path}: num_labels={self.model.config.num_labels}; a reward model has 1")
         self.model.eval().requires_grad_(False).to(device)
         self.rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_path)
         self.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -138,8 +151,8 @@ class Scorer:
         if self.reward_fn is not None:
             try:
                 s = call_reward_fn(self.reward_fn, p_texts, texts).to(self.device)
-            except ValueError as e:
-                raise ValueError(f"--reward_fn {self.spec}: {e}") from e
+            except InputError as e:
+                raise InputError(f"--reward_fn {self.spec}: {e}") from e
         elif self.same_tokenizer:
             full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask.long(), cmask.long()], 1)
             s = torch.cat([reward_model_scores(self.model, full[i:i + n], fmask[i:i + n])

@@ -19,25 +19,46 @@ def env(pythonpath=()):
 
 def run(script, *args, procs=1, check=True, timeout=600, pythonpath=()):
     """Run ROOT/script with args (1 process, or torchrun with `procs`); returns the CompletedProcess."""
-    launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc_per_node", str(procs)]
-    r = subprocess.run([*launcher, os.path.join(ROOT, script), *map(str, args)], env=env(pythonpath),
+    r = subprocess.run([*_launcher(procs), os.path.join(ROOT, script), *map(str, args)], env=env(pythonpath),
                        capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
     return r
 
 
-def kill_after(script, *args, output_dir, checkpoint):
-    """Start a run, SIGKILL it as soon as output_dir/checkpoint exists; assert it was killed mid-run."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--output_dir", str(output_dir),
+def _launcher(procs):
+    return [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                "--nproc_per_node", str(procs)]
+
+
+def survivors(output_dir):
+    """Pids of live processes whose command line names output_dir (ranks left behind by a killed launcher)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(output_dir).encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def kill_after(script, *args, output_dir, checkpoint, procs=1):
+    """Start a run (torchrun with procs > 1), SIGKILL the launcher as soon as output_dir/checkpoint exists;
+    assert it was killed mid-run and that no rank outlives it by more than 10 s."""
+    proc = subprocess.Popen([*_launcher(procs), os.path.join(ROOT, script), "--output_dir", str(output_dir),
                              *map(str, args)], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline and not os.path.isdir(os.path.join(output_dir, checkpoint)):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    deadline = time.time() + 10
+    while survivors(output_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not survivors(output_dir), "ranks outlived their killed launcher"
 
 
 def weights(output_dir):

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from nanorlhf import (MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of, tokenize_pairs,
-                      tokenize_prompts)
+from nanorlhf import (InputError, MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of,
+                      tokenize_pairs, tokenize_prompts)
 
 U = lambda s: [{"role": "user", "content": s}]  # noqa: E731
 A = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
@@ -77,7 +77,6 @@ def test_margin_column(tmp_path):
      r"row 1, field 'prompt': empty string"),
     ([{"prompt": "p", "chosen": 3, "rejected": "b"}], r"row 0, field 'chosen': expected a non-empty string"),
     ([{"prompt": "p", "chosen": [{"role": "assistant", "content": 1}], "rejected": "b"}], r"row 0, field 'chosen'"),
-    ([{"chosen": "same", "rejected": "same"}], r"row 0: 'chosen' and 'rejected' are identical"),
     ([{"chosen": "a", "rejected": "b"}], r"row 0, field 'prompt \(the shared prefix"),
     ([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}], r"field 'margin'"),
 ])
@@ -88,6 +87,16 @@ def test_bad_preference_rows(tmp_path, rows, message):
     assert "bad.jsonl" in str(e.value)
 
 
+def test_identical_pairs_are_dropped_and_counted(tmp_path, capsys):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "a"},
+            {"chosen": "q same", "rejected": "q same"}]
+    path = _jsonl(tmp_path / "ties.jsonl", rows)
+    pairs = preference_pairs(load_rows(path), path)
+    assert [p["rejected"] for p in pairs] == ["b"]
+    out = capsys.readouterr().out
+    assert "ties.jsonl: dropped 2 pairs whose chosen and rejected are identical (rows [1, 2])" in out
+
+
 def test_bad_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="empty.jsonl: empty file"):
@@ -95,7 +104,7 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     with pytest.raises(ValueError, match="broken.jsonl: line 2"):
         load_rows(str(tmp_path / "broken.jsonl"))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         load_rows(str(tmp_path / "missing.jsonl"))
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="unsupported file type"):

@@ -113,7 +113,7 @@ def test_bad_inputs(world_root, tmp_path):
     err = _fails("--max_length", 3, *out)
     assert "0 train pairs left after the length filter" in err
     err = _fails("--per_device_train_batch_size", 0, *out)
-    assert "must be >= 1" in err
+    assert "--per_device_train_batch_size 0: must be > 0" in err
     err = _fails("--learning_rat", 1e-3, *out)
     assert "unknown argument(s) --learning_rat" in err and "--learning_rate" in err
     two = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -130,8 +130,8 @@ def test_output_dir_and_resume_guards(world_root, tmp_path):
     out = tmp_path / "o"
     run(SCRIPT, "--output_dir", out, "--max_steps", 2, "--save_steps", 1, *FAST)
     before = weights(out)
-    err = _fails("--output_dir", out, "--max_steps", 2, *FAST)
-    assert "holds another run" in err and "--overwrite_output_dir" in err
+    err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--learning_rate", 0.5)  # another run's flags
+    assert "holds an unfinished run, or one with other flags" in err and "--overwrite_output_dir" in err
     err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--learning_rate", 0.5, "--resume")
     assert "other settings" in err and "learning_rate" in err
     ckpt = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))[-1]
