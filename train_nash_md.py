@@ -148,8 +148,8 @@ if not sources:
     args.reward_fn = "nanorlhf.world:gold_reward"
 if len(sources) > 1:
     nr.usage_error("pass one of --reward_model_path, --reward_fn and --preference_fn")
-beta_at = nr.parse_schedule("beta", args.beta, 0, math.inf)
-alpha_at = nr.parse_schedule("mixture_coef", args.mixture_coef, 0, 1)
+beta_at = nr.parse_schedule("beta", args.beta, 0.0, math.inf)
+alpha_at = nr.parse_schedule("mixture_coef", args.mixture_coef, 0.0, 1.0)
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
     nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
 micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps

@@ -150,8 +150,8 @@ if not args.reward_model_path and not args.reward_fn:
     args.reward_fn = "nanorlhf.world:gold_reward"
 if args.reward_model_path and args.reward_fn:
     nr.usage_error("pass one of --reward_model_path and --reward_fn, not both")
-beta_at, alpha_at = nr.parse_schedule("beta", args.beta, 0, math.inf), nr.parse_schedule("alpha", args.alpha, 0,
-                                                                                         math.inf)
+beta_at = nr.parse_schedule("beta", args.beta, 0.0, math.inf)
+alpha_at = nr.parse_schedule("alpha", args.alpha, 0.0, math.inf)
 if args.loss_type == "ipo" and min(beta_at(0.0), beta_at(1.0)) == 0:
     nr.usage_error("--loss_type ipo regresses onto 1 / (2 beta): --beta must be > 0")
 if args.loss_type not in ("sigmoid", "ipo"):
