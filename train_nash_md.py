@@ -174,7 +174,7 @@ def load_prompts(split):
 
 train_prompts, train_ids = load_prompts(args.dataset_train_split)
 if not train_ids:
-    raise SystemExit(f"{args.dataset_name}: no prompts left after the length filter")
+    raise nr.InputError(f"{args.dataset_name}: no prompts left after the length filter")
 try:
     eval_prompts, eval_ids = (x[:args.num_eval_prompts] for x in load_prompts(args.dataset_test_split))
 except nr.MissingSplit as e:
@@ -283,8 +283,8 @@ def preference(prompts, ids, mask, y, ym, yp, ypm):
     a, b = (tokenizer.batch_decode(t, skip_special_tokens=True) for t in (y, yp))
     try:
         return nr.call_reward_fn(preference_fn, p_texts, a, b, low=0.0, high=1.0).to(device), None, None
-    except ValueError as e:
-        raise SystemExit(f"--preference_fn {args.preference_fn}: {e}") from e
+    except nr.InputError as e:
+        raise nr.InputError(f"--preference_fn {args.preference_fn}: {e}") from e
 
 
 @torch.no_grad()

@@ -161,9 +161,9 @@ nr.print0(f"pairs: {len(train_rows)} train ({dropped} dropped > max_length {args
           f"{eval_cut} cut)")
 global_batch = micro * world_size * accum
 if len(train_rows) < global_batch:
-    raise SystemExit(f"{args.dataset_name}: {len(train_rows)} train pairs left after the length filter, fewer than "
-                     f"one global batch of {global_batch} (= per_device_train_batch_size {micro} x {world_size} "
-                     f"processes x gradient_accumulation_steps {accum})")
+    raise nr.InputError(f"{args.dataset_name}: {len(train_rows)} train pairs left after the length filter, fewer "
+                        f"than one global batch of {global_batch} (= per_device_train_batch_size {micro} x "
+                        f"{world_size} processes x gradient_accumulation_steps {accum})")
 steps_per_epoch = len(train_rows) // global_batch  # the last partial batch of an epoch is dropped
 total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
 nr.print0(f"batch: {micro} pairs x {world_size} processes x {accum} accumulation = {global_batch} pairs/step; "
@@ -191,11 +191,12 @@ def collate(rows):
 # ----------------------------------------------------------------------------- models
 try:
     model = nr.load_hf(AutoModelForSequenceClassification, args.model_name_or_path, args.gguf_file, num_labels=1)
-except (ValueError, RuntimeError) as e:
-    raise SystemExit(f"{args.model_name_or_path}: cannot load as a sequence classifier with one label ({e}). Pass "
-                     "a base model (a Llama/Qwen2/GPT-2 causal LM or a BERT encoder) or a 1-label reward model") from e
+except (ValueError, RuntimeError) as e:  # an InputError already says what is wrong with the folder
+    raise e if isinstance(e, nr.InputError) else nr.InputError(
+        f"{args.model_name_or_path}: cannot load as a sequence classifier with one label ({e}). Pass a base model (a "
+        "Llama/Qwen2/GPT-2 causal LM or a BERT encoder) or a 1-label reward model") from e
 if model.config.num_labels != 1:
-    raise SystemExit(f"{args.model_name_or_path}: has num_labels={model.config.num_labels}; a reward model needs 1")
+    raise nr.InputError(f"{args.model_name_or_path}: has num_labels={model.config.num_labels}; a reward model needs 1")
 model.config.pad_token_id = tokenizer.pad_token_id
 model.config.use_cache = False
 if args.gradient_checkpointing:

@@ -199,7 +199,7 @@ def load_prompts(split):
 
 train_prompts, train_ids = load_prompts(args.dataset_train_split)
 if not train_ids:
-    raise SystemExit(f"{args.dataset_name}: no prompts left after the length filter")
+    raise nr.InputError(f"{args.dataset_name}: no prompts left after the length filter")
 try:
     eval_prompts, eval_ids = (x[:args.num_eval_prompts] for x in load_prompts(args.dataset_test_split))
 except nr.MissingSplit as e:
