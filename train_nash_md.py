@@ -144,7 +144,7 @@ sources = [s for s in (args.reward_model_path, args.reward_fn, args.preference_f
 if not sources:
     if not world_prompts:
         nr.usage_error("pass --reward_model_path, --reward_fn or --preference_fn (the gold reward exists only for "
-                         "the built-in world)")
+                       "the built-in world)")
     args.reward_fn = "nanorlhf.world:gold_reward"
 if len(sources) > 1:
     nr.usage_error("pass one of --reward_model_path, --reward_fn and --preference_fn")

@@ -175,7 +175,7 @@ local_batch = local_mini_batch * args.num_mini_batches  # completions per rank p
 batch_size = local_batch * world_size  # completions per step
 if local_batch % args.rloo_k:
     nr.usage_error(f"per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {local_batch} "
-                     f"completions per process must be divisible by rloo_k = {args.rloo_k}")
+                   f"completions per process must be divisible by rloo_k = {args.rloo_k}")
 local_prompts = local_batch // args.rloo_k
 use_bf16 = args.bf16 and device.type == "cuda"
 frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
