@@ -6,7 +6,8 @@ prompt b). With l_old the sampling policy's and lref the reference's per-token l
     A = R - (sum of the other k-1 rewards of the prompt) / (k - 1)
     L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps)),  rho = exp(S(l) - S(l_old))
 for num_ppo_epochs x num_mini_batches updates. With 1 epoch and 1 mini-batch: REINFORCE with the
-leave-one-out baseline.
+leave-one-out baseline; with 1 micro-batch too, l_old is the update's own forward, detached (one policy
+forward per step fewer, ratio exactly 1, as TRL's GRPO).
 
 Deviations from TRL: log-probs of policy, old policy and reference all come from one function at
 the sampling temperature; masks are boolean (no INVALID_LOGPROB = 1.0, whose entropy metric went
@@ -326,6 +327,7 @@ start_step = nr.load_training_state(args.output_dir, policy, optimizer, schedule
 nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
 k, micro, accum = args.rloo_k, args.per_device_train_batch_size, args.gradient_accumulation_steps
+on_policy = args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and accum == 1
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
 if eval_ids and start_step == 0:
     log({"step": 0, **evaluate(0)})
@@ -337,7 +339,13 @@ for step in range(start_step, total_steps):
     slots, idx = step_prompts(step)
     seeds = [s for j in range(k) for s in nr.rollout_seeds(args.seed, slots, j)]
     ids, mask, tokens, cmask = rollout([train_ids[i] for i in idx] * k, seeds)
-    old = logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
+    first = None  # on-policy (one epoch, mini-batch and micro-batch): the update's own forward gives the old
+    if on_policy:  # log-probs (old = new, detached), one forward less per step, as TRL's GRPO
+        with autocast():
+            first = nr.completion_logprobs(policy, ids, mask, tokens, args.temperature, with_entropy=True)
+        old = first[0].detach().float() * cmask
+    else:
+        old = logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
     ref_lp = logprobs(ref, ids, mask, tokens, cmask)
     scores, _, _ = scorer([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
     if args.normalize_reward:
@@ -353,15 +361,16 @@ for step in range(start_step, total_steps):
     # 3. PPO-clip epochs over mini-batches of this rank's rollouts
     stats = {"loss": [], "clipfrac": [], "approxkl": [], "ratio": [], "entropy": []}
     for epoch in range(args.num_ppo_epochs):
-        order = torch.randperm(local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
+        order = torch.arange(local_batch) if on_policy else torch.randperm(
+            local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
         for mb in order.split(local_mini_batch):
             for a, rows in enumerate(mb.split(micro)):
                 last = a == accum - 1
                 if args.fsdp:
                     policy.set_requires_gradient_sync(last)
                 with policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext(), autocast():
-                    new, ent = nr.completion_logprobs(policy, ids[rows], mask[rows], tokens[rows], args.temperature,
-                                                      with_entropy=True)
+                    new, ent = first or nr.completion_logprobs(policy, ids[rows], mask[rows], tokens[rows],
+                                                               args.temperature, with_entropy=True)
                     new_sum = (new.float() * cmask[rows]).sum(1)
                     loss, st = nr.ppo_clip_loss(new_sum, old_sum[rows], adv[rows], args.cliprange)
                     (loss / accum).backward()  # mean over micro-batches, explicitly
