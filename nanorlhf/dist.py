@@ -207,8 +207,12 @@ def save_checkpoint(output_dir, step, state, keep=2):
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    for old in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")))[:-keep] if keep > 0 else []:
+    for old in checkpoints(output_dir)[keep:] if keep > 0 else []:
         shutil.rmtree(old)
+
+
+def checkpoints(output_dir):  # complete checkpoint folders (not .tmp ones), newest first
+    return sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")), reverse=True)
 
 
 def load_checkpoint(path):

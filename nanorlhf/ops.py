@@ -19,8 +19,7 @@ def _chunks(x, index=None):
     return rows if index is None else zip(rows, index.reshape(-1).split(_rows(x)))
 
 
-def _up(z):
-    """float32 for half precision (bf16 log_softmax loses ~1e-2), float64 kept."""
+def _up(z):  # float32 for half precision (bf16 log_softmax loses ~1e-2), float64 kept
     return z if z.dtype == torch.float64 else z.float()
 
 

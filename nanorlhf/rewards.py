@@ -7,7 +7,7 @@ import torch
 
 from .config import InputError
 from .data import encode, keep_end, pad
-from .dist import load_hf, print0
+from .dist import load_hf, load_tokenizer, print0
 from .ops import contains_eos, position_ids_from_mask
 
 
@@ -124,7 +124,7 @@ class Scorer:
 
     def __init__(self, tokenizer, reward_model_path="", reward_fn="", *, device=None, dtype=torch.float32,
                  batch_size=64, missing_eos_penalty=None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
         self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
         self.missing_eos_penalty, self.reward_fn, self.model, self.spec = missing_eos_penalty, None, None, reward_fn
         if reward_fn:
@@ -137,7 +137,7 @@ class Scorer:
         if self.model.config.num_labels != 1:
             raise InputError(f"{reward_model_path}: num_labels={self.model.config.num_labels}; a reward model has 1")
         self.model.eval().requires_grad_(False).to(device)
-        self.rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_path)
+        self.rm_tokenizer = load_tokenizer(reward_model_path)
         self.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
                                and self.rm_tokenizer.chat_template == tokenizer.chat_template)
 

@@ -1,7 +1,6 @@
 """An output directory per run: guard it, log to it, checkpoint into it, resume from it. A run calls
 `check_output_dir` (refusals only), loads data and models, `start_run` (the only place an old run's
 state is removed), trains, saves, and `finish_run` (marks the run complete)."""
-import glob
 import json
 import os
 import shutil
@@ -10,7 +9,7 @@ from dataclasses import asdict
 import torch.distributed as dist
 
 from .config import InputError, usage_error
-from .dist import full_state_dict, is_main, load_checkpoint, load_full_state_dict, print0, rng_state, \
+from .dist import checkpoints, full_state_dict, is_main, load_checkpoint, load_full_state_dict, print0, rng_state, \
     save_checkpoint, set_rng_state
 
 # flags that change neither the data a step sees nor the update it makes: free to differ on --resume
@@ -33,8 +32,6 @@ def check_output_dir(args, world_size):
     --overwrite_output_dir, unless it holds a finished run of the same flags (a command run twice redoes
     it). Returns True when an old run is to be replaced (by start_run, once everything has loaded)."""
     out = args.output_dir
-    if args.save_total_limit < 0:
-        usage_error(f"--save_total_limit {args.save_total_limit}: must be >= 0 (0 keeps every checkpoint)")
     if os.path.exists(out) and not os.path.isdir(out):
         usage_error(f"--output_dir {out}: is a file, not a folder")
     probe = os.path.join(out, f".probe-{os.getpid()}")  # writable? (access() says yes to root on read-only mounts)
@@ -79,8 +76,7 @@ def start_run(args, world_size, replace):
     number of processes, what --resume checks)."""
     out = args.output_dir
     if is_main():
-        os.makedirs(out, exist_ok=True)
-        for name in os.listdir(out) if replace else []:
+        for name in os.listdir(out) if replace else []:  # (check_output_dir made the folder)
             if name.startswith("checkpoint-"):
                 shutil.rmtree(os.path.join(out, name))
             elif name.endswith(".jsonl") or name == COMPLETE:
@@ -103,10 +99,6 @@ def append_jsonl(output_dir, name, records):
     if is_main():
         with open(os.path.join(output_dir, name), "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-def checkpoints(output_dir):
-    return sorted(glob.glob(os.path.join(output_dir, "checkpoint-*[0-9]")), reverse=True)
 
 
 def save_training_state(output_dir, step, model, optimizer, scheduler, keep=2, extra=None):
