@@ -106,6 +106,9 @@ class Args:
     """bf16 autocast (GPU only)"""
     fsdp: bool = False
     """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    sharded_generation: bool = False
+    """with --fsdp, sample from the sharded policy, all-gathering each block at every token (for a policy too big
+    to hold whole on one device; default: gathered once per rollout)"""
     seed: int = 42
     """seed of the data order and of every rollout"""
     logging_steps: int = 1
@@ -236,82 +239,30 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=in
 
 
 # ----------------------------------------------------------------------------- helpers
-autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, eos_token_id=tokenizer.eos_token_id,
+                 sharded=args.sharded_generation)
+autocast = rl.autocast
+evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
+                             seed=args.seed, output_dir=args.output_dir,
+                             gold_reward=world.gold_reward if world_prompts else None)
 has_eos = lambda tokens, cmask: nr.contains_eos(tokens, cmask, tokenizer.eos_token_id)  # noqa: E731
-chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
 
 
 @torch.no_grad()
-def rollout(rows, seeds, mixture_coef=None):
-    """Completions of prompt id lists from the policy, or from the geometric mixture with the reference
-    when mixture_coef is given: (prompt ids, prompt mask, tokens, completion mask)."""
-    ids, mask = (t.to(device) for t in nr.pad(rows, tokenizer.pad_token_id))
-    outs, n = [], args.local_rollout_forward_batch_size
-    kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id, temperature=args.temperature, sync=args.fsdp)
-    for i in chunks(len(rows)):
-        with autocast():
-            if mixture_coef is None:
-                outs.append(nr.generate(sampler, ids[i:i + n], mask[i:i + n], seeds=seeds[i:i + n], **kw)[:2])
-            else:
-                outs.append(nr.generate_mixture(sampler, ref, mixture_coef, ids[i:i + n], mask[i:i + n],
-                                                seeds=seeds[i:i + n], **kw)[:2])
-    T = max(o[0].shape[1] for o in outs)
-    tokens = torch.cat([torch.nn.functional.pad(o[0], (0, T - o[0].shape[1]), value=tokenizer.pad_token_id)
-                        for o in outs])
-    return ids, mask, tokens, torch.cat([torch.nn.functional.pad(o[1], (0, T - o[1].shape[1])) for o in outs])
-
-
-@torch.no_grad()
-def logprobs(model, ids, mask, tokens, cmask):
-    """Per-token log-probs at the sampling temperature, 0 after EOS: (B, T)."""
-    n = args.local_rollout_forward_batch_size
-    with autocast():
-        lp = torch.cat([nr.completion_logprobs(model, ids[i:i + n], mask[i:i + n], tokens[i:i + n], args.temperature)
-                        for i in chunks(len(ids))])
-    return lp.float() * cmask
-
-
-@torch.no_grad()
-def preference(prompts, ids, mask, y, ym, yp, ypm):
-    """(P(y beats y') (B,), s(y), s(y')): sigmoid of the score difference, or the preference function's
-    probability (then no scores: None)."""
+def preference(prompts, ids, mask, tokens, cmask):
+    """(P(y beats y') (B,), s(y), s(y')) for 2B rows [y; y']: sigmoid of the score difference (one scoring call),
+    or the preference function's probability (then no scores: None)."""
+    B = len(ids) // 2
     if preference_fn is None:
-        s_y, s_yp = scorer(prompts, ids, mask, y, ym)[0], scorer(prompts, ids, mask, yp, ypm)[0]
+        s_y, s_yp = scorer(prompts, ids, mask, tokens, cmask)[0].split(B)
         return torch.sigmoid(s_y - s_yp), s_y, s_yp
-    p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    a, b = (tokenizer.batch_decode(t, skip_special_tokens=True) for t in (y, yp))
+    p_texts = tokenizer.batch_decode(ids[:B], skip_special_tokens=True)
+    a, b = (tokenizer.batch_decode(t, skip_special_tokens=True) for t in tokens.split(B))
     try:
         return nr.call_reward_fn(preference_fn, p_texts, a, b, low=0.0, high=1.0).to(device), None, None
     except nr.InputError as e:
         raise nr.InputError(f"--preference_fn {args.preference_fn}: {e}") from e
-
-
-@torch.no_grad()
-def evaluate(step):
-    """Held-out prompts sampled from the policy the same way each time (seeds fixed); a short sample table."""
-    per_rank = math.ceil(len(eval_ids) / world_size)
-    mine = list(range(rank, len(eval_ids), world_size))
-    weight = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)), device=device)
-    mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
-    ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
-    kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
-    if preference_fn is None:  # score() decodes the texts too
-        s, p_texts, texts = scorer([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
-        sums["reward"] = s @ weight
-    else:
-        s = torch.zeros(len(mine), device=device)
-        p_texts, texts = (tokenizer.batch_decode(t, skip_special_tokens=True) for t in (ids, tokens))
-    if world_prompts:
-        sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
-    r = nr.all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
-    table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
-             for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
-    nr.append_jsonl(args.output_dir, "samples.jsonl", table)
-    for row in table if nr.is_main() else []:
-        tqdm.write(f"  {row['prompt'][-60:]!r} -> {row['completion'][:80]!r}  score {row['score']}  kl {row['kl']}")
-    return {f"eval/{k}": v / r["n"] for k, v in r.items() if k != "n"}
 
 
 def log(record):
@@ -332,13 +283,16 @@ for step in range(start_step, total_steps):
     beta, alpha = beta_at(step / total_steps), alpha_at(step / total_steps)
     stats = {}
     for k in range(accum):
-        # 1. y from the policy, y' from the geometric mixture (its own seeds), both with KV caches
+        # 1. y from the policy, y' from the geometric mixture (own seeds), in one call of 2B rows with KV caches:
+        # mixture_coef 0 on y's rows, one policy forward per token for both
         slots, idx = step_prompts(step, k)
-        rows = [train_ids[i] for i in idx]
-        ids, mask, y, ym = rollout(rows, nr.rollout_seeds(args.seed, slots, 0))
-        _, _, yp, ypm = rollout(rows, nr.rollout_seeds(args.seed, slots, 1), mixture_coef=alpha)
-        ref_lp = logprobs(ref, ids, mask, y, ym)  # (B, T)
-        probs, s_y, s_yp = preference([train_prompts[i] for i in idx], ids, mask, y, ym, yp, ypm)
+        B, rows = len(idx), [train_ids[i] for i in idx] * 2
+        seeds = nr.rollout_seeds(args.seed, slots, 0) + nr.rollout_seeds(args.seed, slots, 1)
+        ids2, mask2, yy, yym = rl.sample(rows, seeds, ref=ref, mixture_coef=[0.0] * B + [alpha] * B)
+        probs, s_y, s_yp = preference([train_prompts[i] for i in idx] * 2, ids2, mask2, yy, yym)
+        T = int(yym[:B].sum(1).max())  # y alone: drop the columns only y' needs
+        ids, mask, y, ym, yp, ypm = ids2[:B], mask2[:B], yy[:B, :T], yym[:B, :T], yy[B:], yym[B:]
+        ref_lp = rl.logprobs(ref, ids, mask, y, ym)  # (B, T)
         # 2. Nash-MD-PG loss, gradient through the policy's log-probs of y only
         last = k == accum - 1
         if args.fsdp:

@@ -123,6 +123,9 @@ class Args:
     """bf16 autocast (GPU only)"""
     fsdp: bool = False
     """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    sharded_generation: bool = False
+    """with --fsdp, sample from the sharded policy, all-gathering each block at every token (for a policy too big
+    to hold whole on one device; default: gathered once per rollout)"""
     seed: int = 42
     """seed of the data order and of every rollout"""
     logging_steps: int = 1
@@ -264,58 +267,13 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=in
 
 
 # ----------------------------------------------------------------------------- helpers
-autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
-
-
-@torch.no_grad()
-def rollout(rows, seeds):
-    """Sample completions of prompt id lists: (prompt ids, prompt mask, tokens, completion mask)."""
-    ids, mask = (t.to(device) for t in nr.pad(rows, tokenizer.pad_token_id))
-    outs, n = [], args.local_rollout_forward_batch_size
-    for i in chunks(len(rows)):
-        with autocast():
-            outs.append(nr.generate(sampler, ids[i:i + n], mask[i:i + n], max_new_tokens=args.response_length,
-                                    eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, seeds=seeds[i:i + n],
-                                    temperature=args.temperature, sync=args.fsdp)[:2])
-    T = max(o[0].shape[1] for o in outs)
-    tokens = torch.cat([torch.nn.functional.pad(o[0], (0, T - o[0].shape[1]), value=tokenizer.pad_token_id)
-                        for o in outs])
-    return ids, mask, tokens, torch.cat([torch.nn.functional.pad(o[1], (0, T - o[1].shape[1])) for o in outs])
-
-
-@torch.no_grad()
-def logprobs(model, ids, mask, tokens, cmask):
-    """Per-token log-probs at the sampling temperature, 0 after EOS: (B, T)."""
-    n = args.local_rollout_forward_batch_size
-    with autocast():
-        lp = torch.cat([nr.completion_logprobs(model, ids[i:i + n], mask[i:i + n], tokens[i:i + n], args.temperature)
-                        for i in chunks(len(ids))])
-    return lp.float() * cmask
-
-
-@torch.no_grad()
-def evaluate(step):
-    """Held-out prompts sampled the same way each time (seeds fixed); a short sample table."""
-    per_rank = math.ceil(len(eval_ids) / world_size)
-    mine = list(range(rank, len(eval_ids), world_size))
-    weight = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)), device=device)
-    mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
-    ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
-    kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    s, p_texts, texts = scorer([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
-    sums = {"n": weight.sum(), "reward": s @ weight, "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
-    if world_prompts:
-        sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
-    r = nr.all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
-    out = {f"eval/{k}": v / r["n"] for k, v in r.items() if k != "n"}
-    if nr.is_main():
-        table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
-                 for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
-        nr.append_jsonl(args.output_dir, "samples.jsonl", table)
-        for row in table:
-            tqdm.write(f"  {row['prompt'][-60:]!r} -> {row['completion'][:80]!r}  score {row['score']}  kl {row['kl']}")
-    return out
+rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
+                 max_new_tokens=args.response_length, temperature=args.temperature, eos_token_id=eos_ids,
+                 sharded=args.sharded_generation)
+autocast = rl.autocast
+evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
+                             seed=args.seed, output_dir=args.output_dir,
+                             gold_reward=world.gold_reward if world_prompts else None)
 
 
 def log(record):
@@ -338,15 +296,15 @@ for step in range(start_step, total_steps):
     # 1. rollouts: prompts repeated k times, [k, B] layout (row j*B + b = sample j of prompt b)
     slots, idx = step_prompts(step)
     seeds = [s for j in range(k) for s in nr.rollout_seeds(args.seed, slots, j)]
-    ids, mask, tokens, cmask = rollout([train_ids[i] for i in idx] * k, seeds)
+    ids, mask, tokens, cmask = rl.sample([train_ids[i] for i in idx] * k, seeds)
     first = None  # on-policy (one epoch, mini-batch and micro-batch): the update's own forward gives the old
     if on_policy:  # log-probs (old = new, detached), one forward less per step, as TRL's GRPO
         with autocast():
             first = nr.completion_logprobs(policy, ids, mask, tokens, args.temperature, with_entropy=True)
         old = first[0].detach().float() * cmask
     else:
-        old = logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
-    ref_lp = logprobs(ref, ids, mask, tokens, cmask)
+        old = rl.logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
+    ref_lp = rl.logprobs(ref, ids, mask, tokens, cmask)
     scores, _, _ = scorer([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
     if args.normalize_reward:
         scores = nr.global_whiten(scores).clamp(-args.reward_clip_range, args.reward_clip_range)

@@ -110,6 +110,9 @@ class Args:
     """bf16 autocast (GPU only)"""
     fsdp: bool = False
     """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    sharded_generation: bool = False
+    """with --fsdp, sample from the sharded policy, all-gathering each block at every token (for a policy too big
+    to hold whole on one device; default: gathered once per rollout)"""
     seed: int = 42
     """seed of the data order and of every rollout"""
     logging_steps: int = 1
@@ -245,57 +248,14 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=in
 
 
 # ----------------------------------------------------------------------------- helpers
-autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, eos_token_id=tokenizer.eos_token_id,
+                 sharded=args.sharded_generation)
+autocast = rl.autocast
+evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
+                             seed=args.seed, output_dir=args.output_dir,
+                             gold_reward=world.gold_reward if world_prompts else None)
 has_eos = lambda tokens, cmask: nr.contains_eos(tokens, cmask, tokenizer.eos_token_id)  # noqa: E731
-chunks = lambda n: range(0, n, args.local_rollout_forward_batch_size)  # noqa: E731 (rollout forward batches)
-
-
-@torch.no_grad()
-def rollout(rows, seeds, model=None):
-    """Completions of prompt id lists from the policy (or `model`): (prompt ids, prompt mask, tokens, mask)."""
-    ids, mask = (t.to(device) for t in nr.pad(rows, tokenizer.pad_token_id))
-    outs, n = [], args.local_rollout_forward_batch_size
-    kw = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id, temperature=args.temperature, sync=args.fsdp)
-    for i in chunks(len(rows)):
-        with autocast():
-            outs.append(nr.generate(model or sampler, ids[i:i + n], mask[i:i + n], seeds=seeds[i:i + n], **kw)[:2])
-    T = max(o[0].shape[1] for o in outs)
-    tokens = torch.cat([torch.nn.functional.pad(o[0], (0, T - o[0].shape[1]), value=tokenizer.pad_token_id)
-                        for o in outs])
-    return ids, mask, tokens, torch.cat([torch.nn.functional.pad(o[1], (0, T - o[1].shape[1])) for o in outs])
-
-
-@torch.no_grad()
-def logprobs(model, ids, mask, tokens, cmask):
-    """Per-token log-probs at the sampling temperature, 0 after EOS: (B, T)."""
-    n = args.local_rollout_forward_batch_size
-    with autocast():
-        lp = torch.cat([nr.completion_logprobs(model, ids[i:i + n], mask[i:i + n], tokens[i:i + n], args.temperature)
-                        for i in chunks(len(ids))])
-    return lp.float() * cmask
-
-
-@torch.no_grad()
-def evaluate(step):
-    """Held-out prompts sampled from the policy the same way each time (seeds fixed); a short sample table."""
-    per_rank = math.ceil(len(eval_ids) / world_size)
-    mine = list(range(rank, len(eval_ids), world_size))
-    weight = torch.tensor([1.0] * len(mine) + [0.0] * (per_rank - len(mine)), device=device)
-    mine += [0] * (per_rank - len(mine))  # padding rows keep the forward count equal on every rank
-    ids, mask, tokens, cmask = rollout([eval_ids[i] for i in mine], nr.rollout_seeds(args.seed, mine, -1))
-    kl = (logprobs(sampler, ids, mask, tokens, cmask) - logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-    s, p_texts, texts = scorer([eval_prompts[i] for i in mine], ids, mask, tokens, cmask)
-    sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight, "reward": s @ weight}
-    if world_prompts:
-        sums["gold_reward"] = torch.tensor(world.gold_reward(p_texts, texts), device=device) @ weight
-    r = nr.all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
-    table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
-             for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
-    nr.append_jsonl(args.output_dir, "samples.jsonl", table)
-    for row in table if nr.is_main() else []:
-        tqdm.write(f"  {row['prompt'][-60:]!r} -> {row['completion'][:80]!r}  score {row['score']}  kl {row['kl']}")
-    return {f"eval/{k}": v / r["n"] for k, v in r.items() if k != "n"}
 
 
 def log(record):
@@ -316,23 +276,24 @@ for step in range(start_step, total_steps):
     beta, alpha = beta_at(step / total_steps), alpha_at(step / total_steps)
     stats = {}
     for k in range(accum):
-        # 1. y from the policy, y~ from the reference (or the policy: online DPO), own seeds, KV caches
+        # 1. y from the policy, y~ from the reference (or the policy: online DPO), own seeds, one sampling call of
+        # 2B rows (mixture_coef 1 = the reference alone); one forward per model over both, padded to the longer
         slots, idx = step_prompts(step, k)
-        rows, prompts = [train_ids[i] for i in idx], [train_prompts[i] for i in idx]
-        ids, mask, y, ym = rollout(rows, nr.rollout_seeds(args.seed, slots, 0))
-        second = ref if args.second_sample == "ref" else None  # None: the policy
-        _, _, yt, ytm = rollout(rows, nr.rollout_seeds(args.seed, slots, 1), second)
-        s_y, s_yt = scorer(prompts, ids, mask, y, ym)[0], scorer(prompts, ids, mask, yt, ytm)[0]
+        B, rows, prompts = len(idx), [train_ids[i] for i in idx] * 2, [train_prompts[i] for i in idx] * 2
+        seeds = nr.rollout_seeds(args.seed, slots, 0) + nr.rollout_seeds(args.seed, slots, 1)
+        ids, mask, yy, yym = rl.sample(rows, seeds,
+                                       ref=None if online_dpo else ref, mixture_coef=[0.0] * B + [1.0] * B)
+        (y, yt), (ym, ytm) = yy.split(B), yym.split(B)
+        s_y, s_yt = scorer(prompts, ids, mask, yy, yym)[0].split(B)
         chosen_is_y = s_y >= s_yt  # ties go to the policy sample
-        ref_y, ref_yt = logprobs(ref, ids, mask, y, ym).sum(1), logprobs(ref, ids, mask, yt, ytm).sum(1)
-        # 2. XPO loss: DPO on (chosen, rejected) + alpha * S(l(y~)), gradients through both policy forwards
+        ref_y, ref_yt = rl.logprobs(ref, ids, mask, yy, yym).sum(1).split(B)
+        # 2. XPO loss: DPO on (chosen, rejected) + alpha * S(l(y~)), gradients through the policy forward
         last = k == accum - 1
         if args.fsdp:
             policy.set_requires_gradient_sync(last)
         with policy.no_sync() if isinstance(policy, DDP) and not last else nullcontext(), autocast():
-            lp_y, ent = nr.completion_logprobs(policy, ids, mask, y, args.temperature, with_entropy=True)
-            l_y = (lp_y.float() * ym).sum(1)  # (B,)
-            l_yt = (nr.completion_logprobs(policy, ids, mask, yt, args.temperature).float() * ytm).sum(1)
+            lp, ent = nr.completion_logprobs(policy, ids, mask, yy, args.temperature, with_entropy=True)
+            l_y, l_yt = (lp.float() * yym).sum(1).split(B)  # (B,) each
             c, r = torch.where(chosen_is_y, l_y, l_yt), torch.where(chosen_is_y, l_yt, l_y)
             rc, rr = torch.where(chosen_is_y, ref_y, ref_yt), torch.where(chosen_is_y, ref_yt, ref_y)
             loss, parts = nr.xpo_loss(c, r, rc, rr, l_yt, beta, alpha, args.loss_type)
@@ -343,7 +304,7 @@ for step in range(start_step, total_steps):
         micro_stats = {
             "loss/dpo": parts["dpo"], "objective/kl": kl_both.mean(),
             "objective/entropy": -(l_y + l_yt).detach().mean() / 2,
-            "policy/entropy_avg": nr.masked_mean(ent, ym), "rewards/chosen": reward_c.mean(),
+            "policy/entropy_avg": nr.masked_mean(ent[:B], ym), "rewards/chosen": reward_c.mean(),
             "rewards/rejected": reward_r.mean(), "rewards/accuracies": (reward_c > reward_r).float().mean(),
             "rewards/margins": (reward_c - reward_r).mean(), "logps/chosen": c.detach().mean(),
             "logps/rejected": r.detach().mean(), "val/length": ym.sum(1).float().mean()}

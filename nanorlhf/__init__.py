@@ -19,6 +19,6 @@ from .rewards import (Scorer, call_reward_fn, last_token_index, load_function, m
                       rm_sequences, score_completions)
 from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, save_training_state,
                    start_run)
-from .sampling import generate, generate_mixture, rollout_seeds
+from .sampling import Rollouts, generate, generate_mixture, rollout_seeds
 
 __version__ = "0.1.0"

@@ -5,10 +5,11 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoModelForCausalLM
 
-from nanorlhf import (all_reduce_metrics, completion_logprobs, full_state_dict, generate, global_mean_var,
+from nanorlhf import (Rollouts, all_reduce_metrics, completion_logprobs, full_state_dict, generate, global_mean_var,
                       init_distributed, pad, rollout_seeds, save_hf, transformer_blocks)
 from nanorlhf.world import make_model, make_tokenizer
 
@@ -55,6 +56,16 @@ mine = [2 * rank, 2 * rank + 1]  # different prompts per rank: every rank still 
 t1 = generate(plain, ids[mine], mask[mine], seeds=rollout_seeds(0, mine), **kw)[0]
 t2 = generate(sharded, ids[mine], mask[mine], seeds=rollout_seeds(0, mine), sync=True, **kw)[0]
 result["fsdp_generate_equal"] = bool(torch.equal(t1, t2))
+# Rollouts: gathered once per call (default) and per token (sharded=True) sample as the plain model, and the
+# blocks are sharded again after (the root keeps its parameters after a forward, as FSDP2 does); ranks get
+# other prompts (other lengths), in two chunks each
+rows = [prompts[i] for i in ([0, 3, 2] if rank == 0 else [1, 2, 3])]
+rkw = dict(device=device, batch_size=2, max_new_tokens=8, temperature=1.0, eos_token_id=1)
+seeds = rollout_seeds(0, range(len(rows)))
+r_plain, r_once, r_tok = (Rollouts(m, tok, sharded=s, **rkw).sample(rows, seeds)
+                          for m, s in ((plain, False), (sharded, False), (sharded, True)))
+result["rollouts_fsdp_equal"] = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(r_plain, r_once, r_tok))
+result["resharded_after"] = all(isinstance(p, DTensor) for b in transformer_blocks(sharded) for p in b.parameters())
 sd = full_state_dict(sharded)
 save_hf(sharded, tok, out_dir, sd)
 dist.barrier()

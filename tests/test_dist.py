@@ -31,6 +31,7 @@ def test_two_process_plumbing(tmp_path):
     assert r0["ddp_grad_max_err"] < 1e-6 and r1["ddp_grad_max_err"] < 1e-6
     assert r0["fsdp_logprob_max_err"] < 1e-5 and r1["fsdp_logprob_max_err"] < 1e-5
     assert r0["fsdp_generate_equal"] and r1["fsdp_generate_equal"]
+    assert r0["rollouts_fsdp_equal"] and r1["rollouts_fsdp_equal"] and r0["resharded_after"] and r1["resharded_after"]
     assert r0["saved_max_err"] == 0.0 and r0["saved_tied"]
     assert r0["saved_arch"] == ["LlamaForCausalLM"]
 

@@ -126,3 +126,53 @@ def test_prefill_computes_last_position_logits_only(tiny_lm, tokenizer, use_cach
     finally:
         hook.remove()
     assert len(shapes) > 1 and all(s == (4, 1, len(tokenizer)) for s in shapes), shapes
+
+
+def _halves(out, B):
+    """(tokens, mask, logps) of rows [:B] and [B:], each cut to its own longest completion."""
+    return [tuple(t[s, :int(out[1][s].sum(1).max())] for t in out) for s in (slice(0, B), slice(B, None))]
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0], ids=["nash-md", "xpo-reference"])
+def test_one_call_for_two_samples_equals_two_calls(tiny_lm, tokenizer, alpha):
+    # Nash-MD: y (alpha 0) and y' (alpha 0.3) in one call; XPO: y and the reference's y~ (alpha 1): every
+    # row's tokens, mask and log-probs are those of its own call
+    torch.manual_seed(1)
+    ref = make_model(tokenizer)
+    ids, mask = _batch(PROMPTS)
+    s0, s1 = rollout_seeds(5, range(4), 0), rollout_seeds(5, range(4), 1)
+    kw = dict(max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    both = generate_mixture(tiny_lm, ref, [0.0] * 4 + [alpha] * 4, ids.repeat(2, 1), mask.repeat(2, 1),
+                            seeds=s0 + s1, **kw)
+    y = generate(tiny_lm, ids, mask, seeds=s0, **kw)
+    y2 = generate_mixture(tiny_lm, ref, alpha, ids, mask, seeds=s1, **kw)
+    for got, want in zip(_halves(both, 4), (y, y2)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert ids.shape[0] * 2 == both[0].shape[0] and both[0].shape[1] == max(y[0].shape[1], y2[0].shape[1])
+
+
+def test_online_dpo_one_call_of_2b_rows_equals_two_calls(tiny_lm, tokenizer):
+    ids, mask = _batch(PROMPTS)
+    s0, s1 = rollout_seeds(9, range(4), 0), rollout_seeds(9, range(4), 1)
+    both = generate(tiny_lm, ids.repeat(2, 1), mask.repeat(2, 1), **_kw(tokenizer, s0 + s1))
+    for got, want in zip(_halves(both, 4), (generate(tiny_lm, ids, mask, **_kw(tokenizer, s)) for s in (s0, s1))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_rollouts_chunks_and_evaluation(tiny_lm, tokenizer, tmp_path):
+    from nanorlhf import Rollouts
+    rows, seeds = PROMPTS * 2, rollout_seeds(2, range(8))
+    kw = dict(device=torch.device("cpu"), max_new_tokens=10, temperature=0.9, eos_token_id=tokenizer.eos_token_id)
+    whole = Rollouts(tiny_lm, tokenizer, batch_size=8, **kw)
+    a, b = whole.sample(rows, seeds), Rollouts(tiny_lm, tokenizer, batch_size=3, **kw).sample(rows, seeds)
+    assert all(torch.equal(x, z) for x, z in zip(a, b))
+    ids, mask, tokens, cmask = a
+    lp = whole.logprobs(tiny_lm, ids, mask, tokens, cmask)  # = the sampler's own log-probs at its temperature
+    want = generate(tiny_lm, ids, mask, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, seeds=seeds, temperature=0.9)[2]
+    torch.testing.assert_close(lp, want, atol=1e-5, rtol=0)
+    # evaluation against the model itself: kl 0; the metrics of a run without a reward model
+    out = whole.evaluate(3, tiny_lm, None, ["p"] * 8, rows, seed=2, output_dir=str(tmp_path),
+                         gold_reward=lambda p, c: [float(len(x)) for x in c])
+    assert abs(out["eval/kl"]) < 1e-5 and set(out) == {"eval/kl", "eval/length", "eval/gold_reward"}
+    assert (tmp_path / "samples.jsonl").read_text().count('"step": 3') == 4
