@@ -14,7 +14,8 @@ from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dic
                    rng_state, save_checkpoint, save_hf, set_rng_state, transformer_blocks)
 from .losses import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, rloo_advantages, xpo_loss
 from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean, masked_sum,
-                  masked_var, masked_whiten, position_ids_from_mask, selective_log_softmax, truncate_at_eos)
+                  masked_var, masked_whiten, position_ids_from_mask, prompt_forward, selective_log_softmax,
+                  truncate_at_eos)
 from .rewards import (Scorer, call_reward_fn, last_token_index, load_function, max_positions, reward_model_scores,
                       rm_sequences, score_completions)
 from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, save_training_state,

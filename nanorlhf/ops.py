@@ -77,19 +77,40 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_forward(model, prompt_ids, prompt_mask, **kwargs):
+    """(logits, KV cache) of model on left-padded prompts (B, P), each distinct prompt run once and expanded to
+    every row that holds it (RLOO's k samples, y and y' of the online methods): an index_select of the logits
+    and of the cache, through which gradients add up over the copies."""
+    uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
+    ids, mask = uniq.split(prompt_ids.shape[1], dim=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                **kwargs)
+    out.past_key_values.reorder_cache(inverse)
+    return out.logits[inverse], out.past_key_values
+
+
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature=1.0, with_entropy=False):
     """Per-token log pi(y_t | x, y_<t) (B, T) at `temperature` of a causal LM, completion positions only.
 
     prompt_ids/prompt_mask (B, P) left-padded, completion_ids (B, T). The logits predicting y_t sit at
-    P-1 .. P+T-2: only the last T+1 are computed (`logits_to_keep`). With with_entropy, also the (B, T)
-    entropy. The caller masks positions after EOS.
+    P-1 .. P+T-2: only those are computed. When rows share prompts, each prompt is run once with a KV cache
+    (`prompt_forward`) and the completions on top of it, the numbers of one forward of the concatenation at
+    the cost of one prompt (off under gradient checkpointing, where HF turns the cache off in training).
+    With with_entropy, also the (B, T) entropy. The caller masks positions after EOS.
     """
-    T = completion_ids.shape[1]
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    T, base = completion_ids.shape[1], getattr(model, "module", model)
     mask = torch.cat([prompt_mask.bool(), torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
-    out = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
-                logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, -T - 1:-1]  # (B, T, V)
+    shared = len(torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0)) < len(prompt_ids)
+    if shared and not (base.training and any(getattr(m, "gradient_checkpointing", False) for m in base.modules())):
+        logits, cache = prompt_forward(model, prompt_ids, prompt_mask, logits_to_keep=1)  # predicts y_1
+        if T > 1:
+            logits = torch.cat([logits, model(
+                input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1].long(), past_key_values=cache,
+                position_ids=position_ids_from_mask(mask)[:, prompt_ids.shape[1]:-1], use_cache=True).logits], 1)
+    else:
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask),
+                       logits_to_keep=T + 1, use_cache=False).logits[:, -T - 1:-1]  # (B, T, V)
     logps = selective_log_softmax(logits, completion_ids, temperature)
     if with_entropy:
         with torch.no_grad():

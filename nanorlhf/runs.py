@@ -15,7 +15,7 @@ from .dist import checkpoints, full_state_dict, is_main, load_checkpoint, load_f
 # flags that change neither the data a step sees nor the update it makes: free to differ on --resume
 FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps", "eval_steps", "save_steps",
                   "save_total_limit", "num_eval_prompts", "num_sample_generations", "per_device_eval_batch_size",
-                  "gradient_checkpointing"}
+                  "gradient_checkpointing", "sharded_generation"}
 COMPLETE = "run_complete.json"  # written after the final model: the run in this folder finished
 
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .data import pad
 from .dist import all_reduce_metrics, is_main
-from .ops import completion_logprobs, position_ids_from_mask, truncate_at_eos
+from .ops import completion_logprobs, position_ids_from_mask, prompt_forward, truncate_at_eos
 from .runs import append_jsonl
 
 
@@ -74,14 +74,16 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
         for i, (m, w, r) in enumerate(zip(models, weights, rows)):
             if not isinstance(r, slice) and len(r) == 0:
                 continue
-            if use_cache:
+            if use_cache and caches[i] is None:  # prefill, each distinct prompt once (a row's k samples share it)
+                zi, caches[i] = prompt_forward(m, new[r], mask[r], logits_to_keep=1)
+            elif use_cache:
                 out = m(input_ids=new[r], attention_mask=mask[r], position_ids=pos[r, -new.shape[1]:],
-                        past_key_values=caches[i], use_cache=True, logits_to_keep=1)  # prefill: last position only
-                caches[i] = out.past_key_values
+                        past_key_values=caches[i], use_cache=True, logits_to_keep=1)
+                zi, caches[i] = out.logits, out.past_key_values
             else:  # full recompute of the prefix (what TRL's Nash-MD mixture sampler did), for reference
-                out = m(input_ids=ids[r], attention_mask=mask[r], position_ids=pos[r], use_cache=False,
-                        logits_to_keep=1)
-            zi = out.logits[:, -1].float()
+                zi = m(input_ids=ids[r], attention_mask=mask[r], position_ids=pos[r], use_cache=False,
+                       logits_to_keep=1).logits
+            zi = zi[:, -1].float()
             if not isinstance(r, slice):  # back to all B rows, 0 on the others
                 zi = torch.zeros(B, zi.shape[-1], device=device).index_copy(0, r, zi)
             z = z + w * zi  # (B, V); 0 + x and x + 0 are exact, so a row's z is as if its models ran alone
@@ -104,16 +106,14 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
     return tokens[:, :T], comp_mask[:, :T], torch.stack(logps, 1)[:, :T].masked_fill(~comp_mask[:, :T], 0.0)
 
 
-def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, seeds,
-             temperature=1.0, top_k=0, top_p=1.0, use_cache=True, sync=False):
+def generate(model, prompt_ids, prompt_mask, **kwargs):
     """Sample y ~ pi(. | x) for left-padded prompts (B, P): z = logits / temperature, top_k / top_p, an
-    inverse-CDF draw with the row's uniform; rows stop at their first EOS (int or list), the loop when all
-    have (sync=True agrees on that across ranks: needed for FSDP-sharded models). Temperature 0 = greedy.
-    Returns tokens (B, T) with pad after EOS, mask (B, T) bool including the EOS, and the sampling
-    log-probs log_softmax(z)[y_t] (B, T), before top-k/top-p filtering, 0 where masked."""
-    return _generate([model], [1.0], prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, seeds=seeds,
-                     eos_token_id=eos_token_id, pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
-                     top_p=top_p, use_cache=use_cache, sync=sync)
+    inverse-CDF draw with the row's uniform. Keywords: max_new_tokens, eos_token_id (int or list), pad_token_id,
+    seeds (one per row), temperature=1.0 (0 = greedy), top_k=0, top_p=1.0, use_cache=True, sync=False. Rows
+    stop at their first EOS, the loop when all have (checked every 8 tokens; sync=True agrees on it across
+    ranks, as FSDP-sharded models need). Returns tokens (B, T) with pad after EOS, mask (B, T) bool including
+    the EOS, and the sampling log-probs log_softmax(z)[y_t] (B, T), before top-k/top-p filtering, 0 where masked."""
+    return _generate([model], [1.0], prompt_ids, prompt_mask, **kwargs)
 
 
 def generate_mixture(model, ref_model, mixture_coef, prompt_ids, prompt_mask, **kwargs):

@@ -133,3 +133,34 @@ def test_completion_logprobs_only_completion_positions(tiny_lm):
     torch.testing.assert_close(lp[1], F.log_softmax(full / 0.8, -1).gather(-1, comp[1, :, None]).squeeze(-1),
                                atol=1e-5, rtol=0)
     assert ent.shape == (2, 3) and (ent > 0).all()
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["shared-prompt", "gradient-checkpointing"])
+def test_shared_prompts_run_once_with_the_numbers_and_gradients_of_the_full_forward(tokenizer, grad_ckpt):
+    # rows [k, B]: 3 samples of 2 left-padded prompts (RLOO's layout), plus a lone prompt; the shared path runs
+    # 3 distinct prompts once each, then the completions on their KV caches; log-probs, entropy and every
+    # parameter's gradient equal those of one forward of each row's concatenation
+    from nanorlhf.world import make_model
+    prompts = torch.tensor([[0, 0, 6, 24, 25], [4, 7, 26, 27, 5]]).repeat(3, 1)
+    prompts = torch.cat([prompts, torch.tensor([[0, 4, 6, 28, 5]])])
+    pmask = (prompts != 0).long()
+    comp = torch.randint(6, 32, (7, 4), generator=torch.Generator().manual_seed(0))
+    model = make_model(tokenizer, seed=2).train()
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    lp, ent = completion_logprobs(model, prompts, pmask, comp, temperature=0.7, with_entropy=True)
+    lp.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = torch.cat([completion_logprobs(model, prompts[i:i + 1], pmask[i:i + 1], comp[i:i + 1], temperature=0.7)
+                      for i in range(7)])  # one row at a time: nothing shared
+    want.sum().backward()
+    hook.remove()
+    torch.testing.assert_close(lp, want, atol=1e-5, rtol=0)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    assert ent.shape == (7, 4)
+    # shared: the 3 distinct prompts (3, 5), then the 7 completions but their last token (7, 3); else (7, 5 + 4)
+    assert calls[:2] == [(3, 5), (7, 3)] if not grad_ckpt else calls[0] == (7, 9)
