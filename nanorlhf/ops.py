@@ -77,6 +77,11 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def shares_prompts(prompt_ids, prompt_mask):
+    """Whether some rows hold the same (left-padded) prompt."""
+    return len(torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0)) < len(prompt_ids)
+
+
 def prompt_forward(model, prompt_ids, prompt_mask, **kwargs):
     """(logits, KV cache) of model on left-padded prompts (B, P), each distinct prompt run once and expanded to
     every row that holds it (RLOO's k samples, y and y' of the online methods): an index_select of the logits
@@ -100,8 +105,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperat
     """
     T, base = completion_ids.shape[1], getattr(model, "module", model)
     mask = torch.cat([prompt_mask.bool(), torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
-    shared = len(torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0)) < len(prompt_ids)
-    if shared and not (base.training and any(getattr(m, "gradient_checkpointing", False) for m in base.modules())):
+    checkpointing = base.training and any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+    if shares_prompts(prompt_ids, prompt_mask) and not checkpointing:
         logits, cache = prompt_forward(model, prompt_ids, prompt_mask, logits_to_keep=1)  # predicts y_1
         if T > 1:
             logits = torch.cat([logits, model(

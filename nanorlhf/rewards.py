@@ -8,7 +8,7 @@ import torch
 from .config import InputError
 from .data import encode, keep_end, pad
 from .dist import load_hf, load_tokenizer, print0
-from .ops import contains_eos, position_ids_from_mask
+from .ops import contains_eos, position_ids_from_mask, prompt_forward, shares_prompts
 
 
 def last_token_index(attention_mask):
@@ -17,14 +17,15 @@ def last_token_index(attention_mask):
     return L - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
-def reward_model_scores(reward_model, input_ids, attention_mask):
+def reward_model_scores(reward_model, input_ids, attention_mask, prompt_length=0):
     """Scalar reward per sequence (B,), read at the last real token found from the attention mask.
 
     Decoder heads (`.score`: Llama, Qwen2, GPT-2) give per-token logits that HF pools at the last
     token != pad_token_id, which is wrong when pad == eos and the sequence ends in EOS. We take the
     per-token logits with a forward hook (the call still goes through the wrapped model, so DDP and
-    FSDP hooks run) and gather at the last real token; positions skip left padding. Encoder heads
-    (BERT-style) pool the first token themselves, so their logits are used as they are.
+    FSDP hooks run) and gather at the last real token; positions skip left padding. When the first
+    prompt_length columns are left-padded prompts that rows share, each runs once (`prompt_forward`) and
+    the rest on its KV cache. Encoder heads (BERT-style) pool the first token themselves: used as they are.
     """
     model = getattr(reward_model, "module", reward_model)  # DDP
     if model.config.num_labels != 1:
@@ -32,15 +33,18 @@ def reward_model_scores(reward_model, input_ids, attention_mask):
     head = getattr(model, "score", None)
     if head is None:
         return reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    captured = []
+    captured, P, cache = [], prompt_length, None
     hook = head.register_forward_hook(lambda mod, inp, out: captured.append(out))
     try:
-        reward_model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        if P and shares_prompts(input_ids[:, :P], attention_mask[:, :P]):
+            cache = prompt_forward(reward_model, input_ids[:, :P], attention_mask[:, :P])[1]
+        P = P if cache is not None else 0
+        reward_model(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
+                     position_ids=position_ids_from_mask(attention_mask)[:, P:], use_cache=cache is not None)
     finally:
         hook.remove()
-    logits = captured[0][..., 0]  # (B, L)
-    return logits.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1).float()
+    logits = captured[-1][..., 0]  # (B, L - P); the last real token is past the prompt
+    return logits.gather(1, last_token_index(attention_mask)[:, None] - P).squeeze(1).float()
 
 
 def max_positions(config, tokenizer=None):
@@ -155,7 +159,7 @@ class Scorer:
                 raise InputError(f"--reward_fn {self.spec}: {e}") from e
         elif self.same_tokenizer:
             full, fmask = torch.cat([ids, tokens], 1), torch.cat([mask.long(), cmask.long()], 1)
-            s = torch.cat([reward_model_scores(self.model, full[i:i + n], fmask[i:i + n])
+            s = torch.cat([reward_model_scores(self.model, full[i:i + n], fmask[i:i + n], ids.shape[1])
                            for i in range(0, len(ids), n)])
         else:
             s, cut = score_completions(self.model, self.rm_tokenizer, prompts, texts, n, self.device)

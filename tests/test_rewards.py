@@ -44,6 +44,20 @@ def test_score_read_at_last_real_token(side):
     assert not torch.allclose(hf, got, atol=1e-4)
 
 
+def test_rows_sharing_a_prompt_score_as_each_alone():
+    # 2 left-padded prompts x 2 completions ([k, B] layout, right-padded after EOS; pad == eos): with
+    # prompt_length the prompts run once and the completions on their caches; each score equals the
+    # unpadded sequence's own
+    prompts, comps = [[4, 6, 24, 5], [4, 7, 5]], [[8, 1], [9, 10, 11, 1], [12, 1], [13, 14, 1]]
+    rm = _rm(32, 1)
+    p_ids, p_mask = pad(prompts * 2, 1)
+    c_ids, c_mask = pad(comps, 1, side="right")
+    with torch.no_grad():
+        got = reward_model_scores(rm, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), p_ids.shape[1])
+    expected = [_manual_score(rm, p + c) for p, c in zip(prompts * 2, comps)]
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
 def test_encoder_reward_model_uses_its_pooler():
     torch.manual_seed(0)
     rm = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
