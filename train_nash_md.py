@@ -233,7 +233,7 @@ sampler = policy if args.fsdp else getattr(policy, "module", policy)
 
 # ----------------------------------------------------------------------------- optimizer
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
-                              weight_decay=args.weight_decay)
+                              weight_decay=args.weight_decay, fused=True)  # one kernel, as TRL's adamw_torch_fused
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
 

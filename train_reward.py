@@ -213,7 +213,7 @@ nr.print0(f"model: {type(getattr(model, 'module', model)).__name__}, "
 
 # ----------------------------------------------------------------------------- optimizer
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
-                              weight_decay=args.weight_decay)
+                              weight_decay=args.weight_decay, fused=True)  # one kernel, as TRL's adamw_torch_fused
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
 

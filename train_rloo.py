@@ -260,7 +260,7 @@ sampler = policy if args.fsdp else getattr(policy, "module", policy)
 
 # ----------------------------------------------------------------------------- optimizer
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
-                              weight_decay=args.weight_decay)
+                              weight_decay=args.weight_decay, fused=True)  # one kernel, as TRL's adamw_torch_fused
 updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * updates),
                           num_training_steps=updates)
