@@ -132,9 +132,10 @@ def child_sampler(smollm2, rows=8, new_tokens=32):
     import torch
     sys.path.insert(0, ROOT)
     import nanorlhf as nr
+    from nanorlhf import world
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(1)
-    cases = [("world policy", os.path.join(nr.world.ensure(), "policy"), None, os.path.join(nr.world.ensure(),
+    cases = [("world policy", os.path.join(world.ensure(), "policy"), None, os.path.join(world.ensure(),
                                                                                           "prompts"))]
     if smollm2 and os.path.exists(HH):
         cases.append(("SmolLM2-135M", smollm2, GGUF, HH))
@@ -167,10 +168,11 @@ def child_fsdp(smollm2, out_json, rows=8, new_tokens=32):
     from torch.distributed.fsdp import fully_shard
     sys.path.insert(0, ROOT)
     import nanorlhf as nr
+    from nanorlhf import world
     from transformers import AutoModelForCausalLM
-    rank, world, device = nr.init_distributed()
+    rank, world_size, device = nr.init_distributed()
     path, gguf, data = ((smollm2, GGUF, HH) if smollm2 and os.path.exists(HH) else
-                        (os.path.join(nr.world.ensure(), "policy"), None, os.path.join(nr.world.ensure(), "prompts")))
+                        (os.path.join(world.ensure(), "policy"), None, os.path.join(world.ensure(), "prompts")))
     tok = nr.load_tokenizer(path, gguf)
     model = nr.load_hf(AutoModelForCausalLM, path, gguf)
     for block in nr.transformer_blocks(model):
@@ -185,7 +187,7 @@ def child_fsdp(smollm2, out_json, rows=8, new_tokens=32):
         dist.barrier()
         t = time.perf_counter()
         rl.sample(ids, nr.rollout_seeds(0, range(rank * rows, (rank + 1) * rows)))
-        rate = world * rows * new_tokens / (time.perf_counter() - t)
+        rate = world_size * rows * new_tokens / (time.perf_counter() - t)
         key = "sharded per token" if sharded else "gathered once"
         res[key] = max(res.get(key, 0.0), rate)
     if rank == 0:

@@ -46,7 +46,7 @@ FRACTION = ("warmup_ratio", "eval_fraction")
 
 def check_flags(args):
     """Usage error naming the first flag out of range: NONNEG >= 0, POSITIVE > 0, FRACTION in [0, 1]; None
-    (off) passes. --fsdp needs torchrun."""
+    (off) passes. --fsdp needs torchrun; --sharded_generation needs --fsdp."""
     for names, ok, what in ((NONNEG, lambda v: v >= 0, ">= 0"), (POSITIVE, lambda v: v > 0, "> 0"),
                             (FRACTION, lambda v: 0 <= v <= 1, "in [0, 1]")):
         for name in names:
@@ -56,6 +56,8 @@ def check_flags(args):
     if getattr(args, "fsdp", False) and "WORLD_SIZE" not in os.environ:
         usage_error(f"--fsdp shards the model over processes: launch with torchrun, e.g. torchrun --standalone "
                     f"--nproc_per_node 2 {os.path.basename(sys.argv[0])} --fsdp")
+    if getattr(args, "sharded_generation", False) and not getattr(args, "fsdp", False):
+        usage_error("--sharded_generation chooses how an FSDP2-sharded policy samples: it needs --fsdp")
 
 
 def parse_schedule(flag, text, lo, hi):

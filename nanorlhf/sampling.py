@@ -52,7 +52,7 @@ def _pick(logits, u, temperature, top_k, top_p):
 def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, seeds,
               temperature=1.0, top_k=0, top_p=1.0, use_cache=True, sync=False):
     """z = sum_i w_i * logits_i per row; a weight is a float or one value per row (B,), and a model runs only on
-    the rows where its weight is not 0 (each model keeps a KV cache of its own rows)."""
+    the rows where its weight is not 0 (each model keeps a KV cache of its own rows), until they have all stopped."""
     B, device = prompt_ids.shape[0], prompt_ids.device
     if len(seeds) != B:
         raise ValueError(f"need one seed per prompt row: {len(seeds)} seeds for {B} rows")
@@ -68,11 +68,13 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
     ids, mask, new = prompt_ids, prompt_mask.long(), prompt_ids
     caches, tokens, logps = [None] * len(models), [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    active = [isinstance(r, slice) or len(r) > 0 for r in rows]
+    every = 8 if device.type == "cuda" else 1  # asking is a host sync: on a GPU, every 8 tokens, not every token
     for t in range(max_new_tokens):
         pos = position_ids_from_mask(mask)
         z = 0.0
         for i, (m, w, r) in enumerate(zip(models, weights, rows)):
-            if not isinstance(r, slice) and len(r) == 0:
+            if not active[i]:  # no rows, or all its rows have stopped
                 continue
             if use_cache and caches[i] is None:  # prefill, each distinct prompt once (a row's k samples share it)
                 zi, caches[i] = prompt_forward(m, new[r], mask[r], logits_to_keep=1)
@@ -93,12 +95,14 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
         done = done | torch.isin(tok, eos)
         new = tok[:, None]
         ids, mask = torch.cat([ids, new], 1) if not use_cache else ids, torch.cat([mask, torch.ones_like(new)], 1)
-        if (t + 1) % 8 == 0:  # "all rows done?" every 8 tokens, not every token: .item() is a host sync on a GPU
-            stop = done.all().to(torch.int32)
+        if (t + 1) % every == 0:  # which models' rows are all done, and all rows?
+            stop = torch.stack([done[r].all() for r in rows] + [done.all()]).to(torch.int32)
             if sync:  # sharded (FSDP) models: every rank must run the same number of forwards
                 dist.all_reduce(stop, op=dist.ReduceOp.MIN)
-            if stop.item():
+            stop = stop.tolist()
+            if stop[-1]:
                 break
+            active = [a and not s for a, s in zip(active, stop)]
     for m, mode in zip(models, modes):
         m.train(mode)
     tokens, comp_mask = truncate_at_eos(torch.stack(tokens, 1), eos, pad_token_id)
@@ -110,7 +114,7 @@ def generate(model, prompt_ids, prompt_mask, **kwargs):
     """Sample y ~ pi(. | x) for left-padded prompts (B, P): z = logits / temperature, top_k / top_p, an
     inverse-CDF draw with the row's uniform. Keywords: max_new_tokens, eos_token_id (int or list), pad_token_id,
     seeds (one per row), temperature=1.0 (0 = greedy), top_k=0, top_p=1.0, use_cache=True, sync=False. Rows
-    stop at their first EOS, the loop when all have (checked every 8 tokens; sync=True agrees on it across
+    stop at their first EOS, the loop when all have (checked every 8 tokens on a GPU; sync=True agrees across
     ranks, as FSDP-sharded models need). Returns tokens (B, T) with pad after EOS, mask (B, T) bool including
     the EOS, and the sampling log-probs log_softmax(z)[y_t] (B, T), before top-k/top-p filtering, 0 where masked."""
     return _generate([model], [1.0], prompt_ids, prompt_mask, **kwargs)

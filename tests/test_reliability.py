@@ -132,6 +132,7 @@ def test_a_nan_weight_stops_reward_training_at_step_one(world_root, tmp_path):
     ("train_reward.py", ["--num_train_epochs", 0], "--num_train_epochs 0.0: must be > 0"),
     ("train_reward.py", ["--fsdp"], "launch with torchrun"),
     ("train_rloo.py", ["--temperature", 0], "--temperature 0.0: must be > 0"),
+    ("train_xpo.py", ["--sharded_generation"], "--sharded_generation chooses how an FSDP2-sharded policy samples"),
     ("train_rloo.py", ["--temperature", -1], "--temperature -1.0: must be > 0"),
     ("train_rloo.py", ["--kl_coef", "nan"], "expected a finite number, got 'nan'"),
     ("train_rloo.py", ["--cliprange", 0], "--cliprange 0.0: must be > 0"),
