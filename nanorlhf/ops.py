@@ -85,11 +85,14 @@ def shares_prompts(prompt_ids, prompt_mask):
 def prompt_forward(model, prompt_ids, prompt_mask, **kwargs):
     """(logits, KV cache) of model on left-padded prompts (B, P), each distinct prompt run once and expanded to
     every row that holds it (RLOO's k samples, y and y' of the online methods): an index_select of the logits
-    and of the cache, through which gradients add up over the copies."""
+    and of the cache, through which gradients add up over the copies. Rows that all differ run as they are."""
     uniq, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True)
-    ids, mask = uniq.split(prompt_ids.shape[1], dim=1)
+    shared = len(uniq) < len(prompt_ids)
+    ids, mask = uniq.split(prompt_ids.shape[1], dim=1) if shared else (prompt_ids, prompt_mask.long())
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
                 **kwargs)
+    if not shared:
+        return out.logits, out.past_key_values
     out.past_key_values.reorder_cache(inverse)
     return out.logits[inverse], out.past_key_values
 

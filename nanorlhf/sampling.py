@@ -145,9 +145,10 @@ class Rollouts:
     def __init__(self, model, tokenizer, *, device, batch_size, max_new_tokens, temperature, eos_token_id,
                  bf16=False, sharded=False):
         self.model, self.tokenizer, self.device, self.n, self.bf16 = model, tokenizer, device, batch_size, bf16
-        self.temperature, self.fsdp = temperature, isinstance(model, FSDPModule)
+        fsdp, self.temperature = isinstance(model, FSDPModule), temperature
+        self.gather = fsdp and not sharded  # unshard the blocks once per sample() call
         self.kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, temperature=temperature,
-                       pad_token_id=tokenizer.pad_token_id, sync=self.fsdp and sharded)
+                       pad_token_id=tokenizer.pad_token_id, sync=fsdp and sharded)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -159,7 +160,7 @@ class Rollouts:
         1 = the reference alone, so the samples of both models come from one call."""
         ids, mask = (t.to(self.device) for t in pad(rows, self.tokenizer.pad_token_id))
         alpha, blocks = torch.as_tensor(mixture_coef, dtype=torch.float64).expand(len(rows)), []
-        if self.fsdp and not self.kw["sync"]:
+        if self.gather:
             blocks = [m for m in self.model.modules() if isinstance(m, FSDPModule) and m is not self.model]
         for m in blocks:  # (the root stays unsharded after its forward anyway)
             m.set_reshard_after_forward(False, recurse=False)
