@@ -12,12 +12,13 @@ from .data import (MissingSplit, encode, held_out, keep_end, load_rows, pad, pre
 from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dict, global_mean_var, global_whiten,
                    init_distributed, is_main, load_checkpoint, load_full_state_dict, load_hf, load_tokenizer, print0,
                    rng_state, save_checkpoint, save_hf, set_rng_state, transformer_blocks)
-from .losses import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, rloo_advantages, xpo_loss
-from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean, masked_sum,
-                  masked_var, masked_whiten, position_ids_from_mask, prompt_forward, selective_log_softmax,
+from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
+                     value_loss, xpo_loss)
+from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean,
+                  position_ids_from_mask, prompt_forward, selective_log_softmax,
                   truncate_at_eos)
-from .rewards import (Scorer, call_reward_fn, last_token_index, load_function, max_positions, reward_model_scores,
-                      rm_sequences, score_completions)
+from .rewards import (Scorer, call_reward_fn, head_logits, last_token_index, load_function, max_positions,
+                      reward_model_scores, rm_sequences, score_completions, token_values)
 from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, save_training_state,
                    start_run)
 from .sampling import Rollouts, generate, generate_mixture, rollout_seeds

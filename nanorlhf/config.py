@@ -36,12 +36,13 @@ def usage_error(message):
 
 # what every script's flags must satisfy, by name (a script checks the ones it has)
 NONNEG = ("learning_rate", "max_grad_norm", "weight_decay", "eval_steps", "save_steps", "save_total_limit",
-          "kl_coef", "missing_eos_penalty", "center_rewards_coefficient", "num_sample_generations", "num_eval_prompts")
+          "kl_coef", "missing_eos_penalty", "center_rewards_coefficient", "num_sample_generations", "num_eval_prompts",
+          "vf_coef", "vf_learning_rate", "cliprange_value")
 POSITIVE = ("logging_steps", "adam_epsilon", "num_train_epochs", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "local_rollout_forward_batch_size",
             "num_mini_batches", "num_ppo_epochs", "response_length", "max_new_tokens", "temperature", "cliprange",
             "reward_clip_range", "max_length", "max_prompt_length")
-FRACTION = ("warmup_ratio", "eval_fraction")
+FRACTION = ("warmup_ratio", "eval_fraction", "gamma", "lam")
 
 
 def check_flags(args):

@@ -80,10 +80,11 @@ def global_mean_var(x):
     return mean, ss / max(s["n"] - 1, 1)
 
 
-def global_whiten(x, eps=1e-8):
-    """(x - mean) / sqrt(var + eps) with the statistics of all ranks (TRL used each rank's own)."""
+def global_whiten(x, eps=1e-8, shift_mean=True):
+    """(x - mean) / sqrt(var + eps) with the statistics of all ranks (TRL used each rank's own); with
+    shift_mean False the mean is added back (only the scale changes, TRL's whiten_rewards)."""
     mean, var = global_mean_var(x)
-    return ((x.double() - mean) / math.sqrt(var + eps)).to(x.dtype)
+    return ((x.double() - mean) / math.sqrt(var + eps) + (0.0 if shift_mean else mean)).to(x.dtype)
 
 
 def transformer_blocks(model):
@@ -169,6 +170,7 @@ def save_hf(model, tokenizer, output_dir, state_dict):
         return
     base = getattr(model, "module", model)
     tmp = os.path.join(output_dir, ".saving")
+    os.makedirs(output_dir, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     base.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -1,9 +1,11 @@
-"""The four methods' objectives as pure functions (equations: METHODS.md).
+"""The five methods' objectives as pure functions (equations: METHODS.md).
 
-Sequence-level inputs are (B,) masked sums S(l) = sum_t mask_t l_t; Nash-MD takes per-token (B, T).
+Sequence-level inputs are (B,) masked sums S(l) = sum_t mask_t l_t; Nash-MD and PPO take per-token (B, T).
 """
 import torch
 import torch.nn.functional as F
+
+from .ops import masked_mean
 
 
 def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coefficient=None):
@@ -29,19 +31,47 @@ def rloo_advantages(rewards, k):
     return (R - (R.sum(0, keepdim=True) - R) / (k - 1)).reshape(-1)
 
 
-def ppo_clip_loss(logps, old_logps, advantages, cliprange):
-    """PPO clipped surrogate on sequence log-ratios, all (B,): rho = exp(S(l_new) - S(l_old)),
-    L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps)). Returns (loss, stats): clipfrac = mean[clipped
-    term larger], approxkl = mean (log rho)^2 / 2, ratio = mean rho."""
-    log_ratio = logps - old_logps
+def ppo_clip_loss(logps, old_logps, advantages, cliprange, mask=None):
+    """PPO clipped surrogate L = mean max(-A rho, -A clip(rho, 1 - eps, 1 + eps)).
+    Sequence level (RLOO, mask None): inputs (B,) masked sums, rho = exp(S(l_new) - S(l_old)), mean over B.
+    Token level (PPO): inputs (B, T) per token with mask (B, T) bool, rho_t = exp(l_t - l_old,t), mean over the
+    masked tokens (positions after EOS take no part, whatever they hold). Returns (loss, stats): clipfrac =
+    mean[clipped term larger], approxkl = mean (log rho)^2 / 2, ratio = mean rho, means as the loss's."""
+    mean = torch.mean if mask is None else (lambda x: masked_mean(x, mask))
+    log_ratio = logps - old_logps if mask is None else torch.where(mask.bool(), logps - old_logps, 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = torch.max(unclipped, clipped).mean()
+    loss = mean(torch.max(unclipped, clipped))
     with torch.no_grad():
-        stats = {"clipfrac": (clipped > unclipped).float().mean(), "approxkl": 0.5 * (log_ratio**2).mean(),
-                 "ratio": ratio.mean()}
+        stats = {"clipfrac": mean((clipped > unclipped).float()), "approxkl": 0.5 * mean(log_ratio**2),
+                 "ratio": mean(ratio)}
     return loss, stats
+
+
+def gae_advantages(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016) backwards over each completion, all (B, T):
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with r and V taken as 0 beyond the
+    completion's end (mask False), so whatever a value head reads on padding never reaches A.
+    Returns (advantages, returns G = A + V), both 0 beyond the end."""
+    r, v = rewards * mask, values * mask
+    adv, running = torch.zeros_like(r), torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        next_v = v[:, t + 1] if t + 1 < r.shape[1] else 0.0
+        running = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * running  # delta_t + gamma lam A_{t+1}
+        adv[:, t] = running
+    adv = adv * mask
+    return adv, adv + v
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss of PPO's value head, all (B, T): V_clip = clamp(V, V_old - c, V_old + c),
+    L = 1/2 masked_mean max((V - G)^2, (V_clip - G)^2). Returns (loss, clipfrac = masked_mean[clipped
+    term larger])."""
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask).detach()
 
 
 def _dpo_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type):

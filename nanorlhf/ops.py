@@ -139,32 +139,11 @@ def contains_eos(tokens, mask, eos_token_id):
     return (torch.isin(tokens, torch.as_tensor(eos_token_id, device=tokens.device).reshape(-1)) & mask.bool()).any(1)
 
 
-def masked_sum(x, mask, dim=-1):
-    """S(x) = sum_t mask_t x_t."""
-    return (x * mask).sum(dim)
-
-
 def masked_mean(x, mask, dim=None):
     """sum(mask * x) / sum(mask), over `dim` (all elements when None)."""
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x, mask):
-    """Unbiased variance of the masked elements: sum(mask (x - mu)^2) / (n - 1)."""
-    mu = masked_mean(x, mask)
-    n = mask.sum()
-    if n < 2:
-        raise ValueError(f"masked_var needs at least 2 unmasked elements, got {int(n)}")
-    return ((x - mu) ** 2 * mask).sum() / (n - 1)
-
-
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x - mu) / sqrt(var + eps) over the masked elements; masked-out entries are left as x."""
-    mu = masked_mean(x, mask)
-    w = (x - mu) * torch.rsqrt(masked_var(x, mask) + eps) + (0.0 if shift_mean else mu)
-    return torch.where(mask.bool(), w, x)
 
 
 def kl_estimators(logps, ref_logps, mask):

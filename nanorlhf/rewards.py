@@ -30,21 +30,38 @@ def reward_model_scores(reward_model, input_ids, attention_mask, prompt_length=0
     model = getattr(reward_model, "module", reward_model)  # DDP
     if model.config.num_labels != 1:
         raise InputError(f"a reward model needs num_labels=1, this one has {model.config.num_labels}")
-    head = getattr(model, "score", None)
-    if head is None:
+    if getattr(model, "score", None) is None:
         return reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    captured, P, cache = [], prompt_length, None
-    hook = head.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    P, cache = prompt_length, None
+    if P and shares_prompts(input_ids[:, :P], attention_mask[:, :P]):
+        cache = prompt_forward(reward_model, input_ids[:, :P], attention_mask[:, :P])[1]
+    P = P if cache is not None else 0
+    logits = head_logits(reward_model, input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
+                         position_ids=position_ids_from_mask(attention_mask)[:, P:], use_cache=cache is not None)
+    return logits.gather(1, last_token_index(attention_mask)[:, None] - P).squeeze(1).float()  # past the prompt
+
+
+def head_logits(model, **inputs):
+    """Per-token logits (B, L) of a 1-label decoder classifier's `.score` head, captured by a forward hook while
+    the call goes through the (DDP / FSDP2) wrapped model, so that their hooks run and gradients flow."""
+    captured = []
+    hook = getattr(model, "module", model).score.register_forward_hook(lambda mod, inp, out: captured.append(out))
     try:
-        if P and shares_prompts(input_ids[:, :P], attention_mask[:, :P]):
-            cache = prompt_forward(reward_model, input_ids[:, :P], attention_mask[:, :P])[1]
-        P = P if cache is not None else 0
-        reward_model(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
-                     position_ids=position_ids_from_mask(attention_mask)[:, P:], use_cache=cache is not None)
+        model(**inputs)
     finally:
         hook.remove()
-    logits = captured[-1][..., 0]  # (B, L - P); the last real token is past the prompt
-    return logits.gather(1, last_token_index(attention_mask)[:, None] - P).squeeze(1).float()
+    return captured[-1][..., 0]
+
+
+def token_values(value_model, prompt_ids, prompt_mask, completion_ids):
+    """PPO's V_t (B, T), float32: the value head at the state before each completion token, s_t = (x, y_<t), read
+    at positions P-1 .. P+T-2 (TRL's value[:, P-1:-1]). Prompts left-padded (B, P), completions (B, T); values
+    after EOS are whatever the head reads there: callers mask them (gae_advantages ignores them)."""
+    T = completion_ids.shape[1]
+    mask = torch.cat([prompt_mask.bool(), torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
+    v = head_logits(value_model, input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=mask.long(),
+                    position_ids=position_ids_from_mask(mask), use_cache=False)
+    return v[:, -T - 1:-1].float()
 
 
 def max_positions(config, tokenizer=None):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from nanorlhf import bradley_terry_loss, dpo_loss, nash_md_loss, ppo_clip_loss, rloo_advantages, xpo_loss
+from nanorlhf import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
+                      value_loss, xpo_loss)
 
 RC, RR = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0])
 
@@ -68,6 +69,81 @@ def test_ppo_clip_ratio_one_is_reinforce():
     loss, _ = ppo_clip_loss(logps, logps.detach(), adv, 0.2)
     loss.backward()
     torch.testing.assert_close(logps.grad, -adv / 2)
+
+
+def test_ppo_clip_token_level_by_hand():
+    # the three rows above as three tokens of one completion, plus a fourth token after EOS (mask False)
+    # holding a huge log-ratio and advantage: same loss -0.4667 = (-1 - 1.2 + 0.8) / 3, clipfrac 2/3
+    new = torch.log(torch.tensor([[1.0, 1.5, 0.5, 50.0]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, 9.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    loss, st = ppo_clip_loss(new, torch.zeros(1, 4), adv, 0.2, mask)
+    assert loss.item() == pytest.approx((-1 - 1.2 + 0.8) / 3, abs=1e-6)
+    assert st["clipfrac"].item() == pytest.approx(2 / 3)
+    assert st["ratio"].item() == pytest.approx((1 + 1.5 + 0.5) / 3)
+
+
+def test_ppo_clip_token_level_masked_mean_over_rows():
+    # 2 rows of 3 and 1 real tokens: the mean is over the 4 real tokens, not per row. rho = 1, so L = mean(-A)
+    logps = torch.zeros(2, 3, requires_grad=True)
+    adv = torch.tensor([[1.0, 2.0, 3.0], [-2.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    loss, st = ppo_clip_loss(logps, logps.detach(), adv, 0.2, mask)
+    assert loss.item() == pytest.approx(-(1 + 2 + 3 - 2) / 4)
+    loss.backward()
+    torch.testing.assert_close(logps.grad, -adv * mask / 4)
+    assert st["clipfrac"].item() == 0.0 and st["approxkl"].item() == 0.0
+
+
+# PPO worked example (METHODS.md): gamma 1, lam 0.95, V = [0.5, 0.4, 0.6], r = [0.0, -0.1, 1.2]
+PPO_V, PPO_R = torch.tensor([[0.5, 0.4, 0.6]]), torch.tensor([[0.0, -0.1, 1.2]])
+
+
+def test_gae_by_hand():
+    # t=2: delta = 1.2 + 0 - 0.6 = 0.6, A = 0.6; t=1: delta = -0.1 + 0.6 - 0.4 = 0.1, A = 0.1 + 0.95 * 0.6 = 0.67;
+    # t=0: delta = 0 + 0.4 - 0.5 = -0.1, A = -0.1 + 0.95 * 0.67 = 0.5365; G = A + V = [1.0365, 1.07, 1.2]
+    adv, ret = gae_advantages(PPO_R, PPO_V, torch.ones(1, 3, dtype=torch.bool), 1.0, 0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.5365, 0.67, 0.6]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0365, 1.07, 1.2]]))
+
+
+def test_gae_limits():
+    torch.manual_seed(0)
+    r, v = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.arange(6) < torch.tensor([6, 3, 1, 4])[:, None]  # completions of 6, 3, 1 and 4 tokens
+    rm, vm = r * mask, v * mask
+    # lam = 1, gamma = 1: A_t = sum_{s >= t} r_s - V_t (reward-to-go minus value)
+    adv, ret = gae_advantages(r, v, mask, 1.0, 1.0)
+    to_go = rm.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(adv, (to_go - vm) * mask)
+    torch.testing.assert_close(ret, to_go * mask)
+    # lam = 0: the one-step TD error r_t + gamma V_{t+1} - V_t, with V = 0 beyond the end
+    adv, _ = gae_advantages(r, v, mask, 0.9, 0.0)
+    next_v = torch.cat([vm[:, 1:], torch.zeros(4, 1)], 1)
+    torch.testing.assert_close(adv, (rm + 0.9 * next_v - vm) * mask)
+
+
+def test_gae_ignores_values_and_rewards_beyond_the_end():
+    mask = torch.tensor([[True, True, False, False]])
+    r, v = torch.tensor([[0.1, 1.0, 0.0, 0.0]]), torch.tensor([[0.3, 0.2, 0.0, 0.0]])
+    junk = torch.tensor([[0.0, 0.0, 5.0, -7.0]])  # what a value head reads on padding
+    a1, g1 = gae_advantages(r, v, mask, 1.0, 0.95)
+    a2, g2 = gae_advantages(r + junk, v + junk, mask, 1.0, 0.95)
+    assert torch.equal(a1, a2) and torch.equal(g1, g2)
+    # by hand: t=1: 1.0 - 0.2 = 0.8; t=0: 0.1 + 0.2 - 0.3 + 0.95 * 0.8 = 0.76
+    torch.testing.assert_close(a1, torch.tensor([[0.76, 0.8, 0.0, 0.0]]))
+
+
+def test_value_loss_by_hand():
+    # V_clip = clamp([0.7, 0.3, 0.9], V_old -+ 0.2) = [0.7, 0.3, 0.8]; G = [1.0365, 1.07, 1.2]
+    # (V - G)^2 = [0.11323225, 0.5929, 0.09]; (V_clip - G)^2 = [0.11323225, 0.5929, 0.16]
+    # L = 0.5 * (0.11323225 + 0.5929 + 0.16) / 3 = 0.144355375; clipped term larger in 1 of 3 tokens
+    G = torch.tensor([[1.0365, 1.07, 1.2, 0.0]])
+    new, old = torch.tensor([[0.7, 0.3, 0.9, 4.0]]), torch.tensor([[0.5, 0.4, 0.6, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])  # the fourth position is padding: no part in the loss
+    loss, clipfrac = value_loss(new, old, G, mask, 0.2)
+    assert loss.item() == pytest.approx(0.144355375, abs=1e-7)
+    assert clipfrac.item() == pytest.approx(1 / 3)
 
 
 # XPO / DPO worked example (METHODS.md): chosen_mask = [True, False]

@@ -7,7 +7,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification, \
     PreTrainedTokenizerFast
 
-from nanorlhf import call_reward_fn, last_token_index, load_function, pad, reward_model_scores, score_completions
+from nanorlhf import (call_reward_fn, last_token_index, load_function, pad, reward_model_scores, score_completions,
+                      token_values)
 from nanorlhf.world import CHAT_TEMPLATE, gold_reward
 
 
@@ -23,6 +24,28 @@ def _manual_score(rm, ids):
     with torch.no_grad():
         h = rm.model(input_ids=torch.tensor([ids])).last_hidden_state
         return rm.score(h)[0, -1, 0].item()
+
+
+def test_token_values_read_the_state_before_each_completion_token():
+    # V_t is the head on the last hidden state of (x, y_<t): for unpadded x + y, the head at positions
+    # P-1 .. P+T-2 (TRL's value[:, P-1:-1]); left padding of the prompt changes nothing
+    vm = _rm(32, 0)
+    prompts, completions = [[4, 6, 24], [4, 7, 5, 9, 10]], [[8, 1, 0], [11, 12, 13]]
+    ids, mask = pad(prompts, 0)
+    with torch.no_grad():
+        got = token_values(vm, ids, mask, torch.tensor(completions))
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            h = vm.model(input_ids=torch.tensor([p + c])).last_hidden_state
+            expected = vm.score(h)[0, len(p) - 1:len(p) + len(c) - 1, 0]
+            torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
+    assert got.shape == (2, 3) and got.dtype == torch.float32
+
+
+def test_token_values_carry_gradients_to_the_value_model():
+    vm = _rm(32, 0)
+    ids, mask = pad([[4, 6, 24], [4, 7]], 0)
+    token_values(vm, ids, mask, torch.tensor([[8, 1], [11, 12]])).sum().backward()
+    assert vm.score.weight.grad.abs().sum() > 0 and vm.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
 
 
 def test_last_token_index():
