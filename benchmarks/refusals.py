@@ -77,11 +77,15 @@ def main():
         ("train_rloo.py", ["--reward_fn", "nomodule:fn"]), ("train_nash_md.py", ["--preference_fn", "rewards:pref"]),
         ("train_xpo.py", ["--sft_model_path", t("noconfig")]),
         ("train_rloo.py", ["--dataset_name", t("latin1.jsonl"), *gold]),
+        ("train_ppo.py", ["--gamma", "1.5"]), ("train_ppo.py", ["--vf_coef", "-0.1"]),
+        ("train_ppo.py", ["--kl_estimator", "k2"]), ("train_ppo.py", ["--value_model_path", t("noconfig")]),
+        ("train_ppo.py", ["--value_model_path", w("policy"), "--reward_model_path", w("policy")]),
     ]
     fast = {"train_reward.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
             "train_rloo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"],
             "train_xpo.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
-            "train_nash_md.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"]}
+            "train_nash_md.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
+            "train_ppo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"]}
     print("| script | flags | exit | traceback | message |\n|---|---|---|---|---|")
     tracebacks = 0
     for n, (script, flags) in enumerate(cases):

@@ -1,7 +1,7 @@
 """One small dataclass -> command line parser shared by every script.
 
-`--name value` and `--name=value`; types from the annotations (int, float, str, bool, and
-`X | None`); bools accept `--flag`, `--flag true|false`; `--help` prints each field's docstring
+`--name value` and `--name=value`; types from the annotations (int, float, str, bool, `X | None`, and
+`list[X]`: `--name a b c`); bools accept `--flag`, `--flag true|false`; `--help` prints each field's docstring
 (the string literal under the field) and default; unknown flags are rejected with the valid list.
 """
 import argparse
@@ -118,8 +118,10 @@ def _bool(text):
 
 
 def _converter(tp):
-    """(type function, is_bool) for an annotation; `X | None` also accepts the word 'none'."""
+    """(type function, is_bool) for an annotation; `X | None` also accepts the word 'none'; `list[X]` an X."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return _converter(args[0])
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         inner, _ = _converter(args[0])
         return (lambda s: None if s.lower() == "none" else inner(s)), False
@@ -134,7 +136,10 @@ def parse_args(cls, argv=None, description=None):
     for f in dataclasses.fields(cls):
         conv, is_bool = _converter(hints[f.name])
         extra = {"nargs": "?", "const": True} if is_bool else {}
-        parser.add_argument(f"--{f.name}", type=conv, default=f.default, help=docs.get(f.name, " "),
+        if typing.get_origin(hints[f.name]) is list:  # --name a b c
+            extra = {"nargs": "+"}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        parser.add_argument(f"--{f.name}", type=conv, default=default, help=docs.get(f.name, " "),
                             metavar=f.name.upper() if not is_bool else "BOOL", **extra)
     ns, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if unknown:

@@ -1,5 +1,5 @@
 """The dataclass -> CLI parser."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -18,13 +18,16 @@ class Args:
     """bf16 autocast on GPU"""
     margin: float | None = None
     """optional margin"""
+    models: list[str] = field(default_factory=list)
+    """one or more folders"""
 
 
 def test_forms_and_types():
     a = parse_args(Args, ["--learning_rate", "1e-6", "--steps=3", "--bf16", "--margin", "0.5"])
     assert a == Args(learning_rate=1e-6, steps=3, name="run", bf16=True, margin=0.5)
     assert parse_args(Args, ["--bf16", "false", "--margin=none"]).bf16 is False
-    assert parse_args(Args, []) == Args()
+    assert parse_args(Args, []) == Args() and Args().models == []
+    assert parse_args(Args, ["--models", "runs/a", "runs/b", "--steps", "2"]).models == ["runs/a", "runs/b"]
     assert given_flags(["--steps=3", "--bf16", "x"]) == {"steps", "bf16"}
 
 

@@ -14,11 +14,6 @@ from scripts import fails, kill_after, metrics, run, survivors, weights
 REWARD = ["--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16, "--logging_steps", 1]
 RLOO = ["--per_device_train_batch_size", 8, "--total_episodes", 16, "--response_length", 8, "--num_eval_prompts", 16,
         "--num_sample_generations", 0]
-FAST = {"train_reward.py": [*REWARD, "--max_steps", 2], "train_rloo.py": RLOO,
-        "train_xpo.py": ["--per_device_train_batch_size", 4, "--max_steps", 2, "--max_new_tokens", 8,
-                         "--num_eval_prompts", 8, "--num_sample_generations", 0],
-        "train_nash_md.py": ["--per_device_train_batch_size", 4, "--max_steps", 2, "--max_new_tokens", 8,
-                             "--num_eval_prompts", 8, "--num_sample_generations", 0]}
 
 
 def _clean(r, code):
@@ -45,13 +40,15 @@ def test_two_process_kill_and_resume_is_bit_identical(world_root, tmp_path, extr
 
 
 @pytest.mark.slow
-def test_two_process_kill_and_resume_rloo(world_root, tmp_path):
-    common = [*RLOO, "--total_episodes", 160, "--save_steps", 3, "--per_device_train_batch_size", 4]
-    run("train_rloo.py", "--output_dir", tmp_path / "full", *common, procs=2)
-    kill_after("train_rloo.py", *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000006", procs=2)
-    run("train_rloo.py", "--output_dir", tmp_path / "cut", "--resume", *common, procs=2, timeout=300)
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+@pytest.mark.parametrize("script, extra", [("train_rloo.py", []), ("train_ppo.py", ["--fsdp", "--num_ppo_epochs", 2])])
+def test_two_process_kill_and_resume_rl(world_root, tmp_path, script, extra):
+    common = [*RLOO, "--total_episodes", 160, "--save_steps", 3, "--per_device_train_batch_size", 4, *extra]
+    run(script, "--output_dir", tmp_path / "full", *common, procs=2)
+    kill_after(script, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000006", procs=2)
+    run(script, "--output_dir", tmp_path / "cut", "--resume", *common, procs=2, timeout=300)
+    for sub in ["", "value_model"] if script == "train_ppo.py" else [""]:  # PPO: the value model too
+        a, b = weights(tmp_path / "full" / sub), weights(tmp_path / "cut" / sub)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- 2. nothing is lost
