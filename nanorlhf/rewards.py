@@ -187,3 +187,19 @@ class Scorer:
         if self.missing_eos_penalty is not None:
             s = s - self.missing_eos_penalty * ~contains_eos(tokens, cmask, self.tokenizer.eos_token_id)
         return s.float(), p_texts, texts
+
+
+def win_outcomes(scores, baseline_scores):
+    """Per pair: 1 when the score beats the baseline's, 1/2 on a tie, 0 when it loses: (N,), (N,) -> (N,) float."""
+    return (scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()
+
+
+def mean_interval(values, z=1.96):
+    """(mean, low, high) of per-prompt values (N,): mean -+ z * sd / sqrt(N), sd with ddof 1 (a normal 95%
+    interval for z = 1.96; a prompt's samples are averaged first, so its samples count once); N = 1: no interval
+    (nan bounds)."""
+    x = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if not len(x):
+        raise ValueError("mean_interval of no values")
+    half = z * x.std().item() / math.sqrt(len(x)) if len(x) > 1 else math.nan
+    return x.mean().item(), x.mean().item() - half, x.mean().item() + half

@@ -142,3 +142,18 @@ def test_reward_function_validation():
         load_function("nanorlhf.world")
     with pytest.raises(ValueError, match="no function"):
         load_function("nanorlhf.world:nope")
+
+
+def test_win_rate_and_interval_by_hand():
+    from nanorlhf import mean_interval, win_outcomes
+    # 7 wins, 2 ties, 1 loss of 10: outcomes [1] * 7 + [0.5] * 2 + [0] -> win rate (7 + 1) / 10 = 0.8
+    scores = torch.tensor([2.0] * 7 + [1.0] * 2 + [0.0])
+    base = torch.tensor([1.0] * 7 + [1.0] * 2 + [1.0])
+    outcome = win_outcomes(scores, base)
+    assert outcome.tolist() == [1.0] * 7 + [0.5] * 2 + [0.0]
+    # sd (ddof 1) = sqrt((7 * 0.2^2 + 2 * 0.3^2 + 0.8^2) / 9) = sqrt(1.1 / 9) = 0.3496029;
+    # half width 1.96 * 0.3496029 / sqrt(10) = 0.2166866 -> [0.5833134, 1.0166866] (evaluate.py clips to 1)
+    m, lo, hi = mean_interval(outcome)
+    assert m == pytest.approx(0.8) and lo == pytest.approx(0.5833134) and hi == pytest.approx(1.0166866)
+    assert math.isnan(mean_interval([0.3])[1])  # one prompt: no interval
+    assert mean_interval([0.5] * 4) == (0.5, 0.5, 0.5)  # identical outcomes: zero width

@@ -1,0 +1,109 @@
+"""evaluate.py end to end: win rates against the initial policy, determinism, DDP, several models, bad inputs, plots."""
+import json
+import os
+
+import pytest
+
+from scripts import fails, run
+
+SCRIPT = "evaluate.py"
+FAST = ["--num_prompts", 40, "--max_new_tokens", 8]
+
+
+@pytest.fixture(scope="module")
+def trained(world_root, tmp_path_factory):
+    """A short RLOO run on the built-in world (gold reward): 30 steps of 64 completions."""
+    out = tmp_path_factory.mktemp("rloo") / "rloo"
+    run("train_rloo.py", "--output_dir", out, "--total_episodes", 1920, "--eval_steps", 10, "--num_eval_prompts", 32,
+        "--num_sample_generations", 0)
+    return str(out)
+
+
+def results(out):
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)["results"]
+
+
+def test_trained_policy_beats_its_initial_policy_and_itself_ties(world_root, trained, tmp_path):
+    # the baseline is read from the run's args.json: the world's initial policy; the judge is the gold reward
+    policy = os.path.join(world_root, "policy")
+    run(SCRIPT, "--model_name_or_path", trained, policy, "--baseline_model_path", policy, "--output_dir",
+        tmp_path / "a", *FAST)
+    won, itself = results(tmp_path / "a")
+    assert won["baseline"] == policy and won["baseline_is_reference"] and won["judge"] == "nanorlhf.world:gold_reward"
+    assert won["win_rate_ci"][0] > 0.5 and won["score"] > won["baseline_score"] and won["kl_k1"] > 0.1
+    # against itself: the same seeds give the same completions, all ties, KL exactly 0
+    assert itself["win_rate"] == 0.5 and itself["win_rate_ci"][0] <= 0.5 <= itself["win_rate_ci"][1]
+    assert itself["kl_k1"] == 0.0 and itself["kl_k3"] == 0.0 and itself["score"] == itself["baseline_score"]
+    table = (tmp_path / "a" / "eval.md").read_text()
+    assert table.count(f"| {trained} |") == 1 and table.count(f"| {policy} |") == 1
+    rows = [json.loads(line) for line in (tmp_path / "a" / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 40 and {"prompt", "completion", "baseline_completion", "score", "baseline_score"} <= set(
+        rows[0])
+    # a second evaluation of the same folder agrees exactly; 2 processes (prompts split) give the same numbers
+    run(SCRIPT, "--model_name_or_path", trained, "--output_dir", tmp_path / "b", *FAST)
+    assert results(tmp_path / "b")[0] == won
+    run(SCRIPT, "--model_name_or_path", trained, "--output_dir", tmp_path / "c", *FAST, procs=2)
+    two = results(tmp_path / "c")[0]
+    assert all(two[k] == pytest.approx(v, abs=1e-6) for k, v in won.items() if k != "win_rate_ci")
+    assert two["win_rate_ci"] == pytest.approx(won["win_rate_ci"])
+
+
+def test_samples_and_a_reward_model_judge(world_root, trained, tmp_path):
+    run("train_reward.py", "--output_dir", tmp_path / "rm", "--max_steps", 2, "--per_device_train_batch_size", 4)
+    run(SCRIPT, "--model_name_or_path", trained, "--reward_model_path", tmp_path / "rm", "--num_samples", 2,
+        "--output_dir", tmp_path / "out", *FAST)
+    (r,) = results(tmp_path / "out")
+    assert r["judge"] == str(tmp_path / "rm") and r["samples_per_prompt"] == 2 and r["prompts"] == 40
+    assert r["score_ci"][0] < r["score"] < r["score_ci"][1]
+
+
+def test_plots_from_real_runs(world_root, trained, tmp_path):
+    from PIL import Image
+    pytest.importorskip("matplotlib")
+    run("train_ppo.py", "--output_dir", tmp_path / "ppo", "--total_episodes", 640, "--eval_steps", 5,
+        "--num_eval_prompts", 16, "--num_sample_generations", 0, "--num_ppo_epochs", 1)
+    run(SCRIPT, "--plot", trained, tmp_path / "ppo", "--output_dir", tmp_path / "report")
+    for name, size in (("curves.png", (1500, 400)), ("frontier.png", (600, 450))):
+        with Image.open(tmp_path / "report" / name) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size == size
+
+
+def _fails(*args, pythonpath=()):
+    return fails(SCRIPT, *args, pythonpath=pythonpath)
+
+
+def test_bad_inputs(world_root, trained, tmp_path, monkeypatch):
+    out = ["--output_dir", tmp_path / "o", *FAST]
+    assert "pass --model_name_or_path" in _fails(*out)
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=32, num_labels=1, **cfg)).save_pretrained(tmp_path / "rm")
+    err = _fails("--model_name_or_path", trained, tmp_path / "rm", "--baseline_model_path", trained, *out)
+    assert "rm: a sequence classifier" in err
+    assert "no config.json" in _fails("--model_name_or_path", tmp_path, "--baseline_model_path", trained, *out)
+    LlamaForCausalLM(LlamaConfig(vocab_size=99, **cfg)).save_pretrained(tmp_path / "v99")
+    err = _fails("--model_name_or_path", trained, "--baseline_model_path", tmp_path / "v99", *out)
+    assert f"its baseline {tmp_path / 'v99'} has 99: a model and its baseline must share one tokenizer" in err
+    (tmp_path / "judges.py").write_text(
+        "def short(prompts, completions):\n    return [0.0]\n"
+        "def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n"
+        "def pref(prompts, a, b):\n    return [1.5] * len(a)\n")
+    err = _fails("--model_name_or_path", trained, "--reward_fn", "judges:short", *out, pythonpath=[tmp_path])
+    assert "short returned 1 values for 40 completions" in err
+    err = _fails("--model_name_or_path", trained, "--reward_fn", "judges:nan", *out, pythonpath=[tmp_path])
+    assert "nan returned nan for sample 0" in err
+    err = _fails("--model_name_or_path", trained, "--preference_fn", "judges:pref", *out, pythonpath=[tmp_path])
+    assert "pref returned 1.5 for sample 0 (must be a finite number in [0.0, 1.0])" in err
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": "happy " * 600}) + "\n")
+    err = _fails("--model_name_or_path", trained, "--dataset_name", tmp_path / "empty.jsonl", "--dataset_test_split",
+                 "train", "--reward_fn", "nanorlhf.world:gold_reward", "--max_prompt_length", 64, *out)
+    assert "no prompts to evaluate (1 dropped > max_prompt_length 64)" in err
+    assert "no args.json naming the model it was trained from" in _fails("--model_name_or_path", tmp_path / "v99",
+                                                                          *out)
+    assert "pass --plot (run folders to draw) or --model_name_or_path" in _fails("--plot", trained,
+                                                                                 "--model_name_or_path", trained)
+    assert "no metrics.jsonl" in _fails("--plot", tmp_path / "v99", "--output_dir", tmp_path / "p")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
+    assert 'pip install -e ".[plot]"' in _fails("--plot", trained, "--output_dir", tmp_path / "p")
