@@ -88,7 +88,8 @@ def run_args(path):
 
 def plot(runs, out):
     """curves.png: eval reward, eval gold reward (when logged) and eval KL against sampled completions, one line
-    per run on shared axes; frontier.png: gold reward (else reward) against KL, one curve per run."""
+    per run on shared axes; frontier.png: gold reward (else reward) against KL, one curve per run. A run whose
+    folder ends in "-pushed" is drawn dashed in the color of the run without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -110,11 +111,14 @@ def plot(runs, out):
             raise nr.InputError(f"--plot {run}: metrics.jsonl has no eval records (eval/kl); was it a reward model run?")
         curves[os.path.basename(os.path.normpath(run))] = ([r["step"] * size for r in evals], evals)
     gold = all("eval/gold_reward" in evals[0] for _, evals in curves.values())
+    bases = list(dict.fromkeys(name.removesuffix("-pushed") for name in curves))  # a "-pushed" run: its base's color
+    style = {name: dict(color=f"C{bases.index(name.removesuffix('-pushed')) % 10}",
+                        linestyle="--" if name.endswith("-pushed") else "-") for name in curves}
     keys = [k for k in ("eval/reward", "eval/gold_reward", "eval/kl") if all(k in e[0] for _, e in curves.values())]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), sharex=True, dpi=100)
     for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
         for name, (x, evals) in curves.items():
-            ax.plot(x, [r[key] for r in evals], marker=".", label=name)
+            ax.plot(x, [r[key] for r in evals], marker=".", label=name, **style[name])
         ax.set(title=key, xlabel="completions sampled")
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
@@ -123,8 +127,8 @@ def plot(runs, out):
     y = "eval/gold_reward" if gold else "eval/reward"
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     for name, (_, evals) in curves.items():
-        ax.plot([r["eval/kl"] for r in evals], [r[y] for r in evals], marker=".", label=name)
-        ax.scatter([evals[-1]["eval/kl"]], [evals[-1][y]], s=40)  # where the run ended
+        ax.plot([r["eval/kl"] for r in evals], [r[y] for r in evals], marker=".", label=name, **style[name])
+        ax.scatter([evals[-1]["eval/kl"]], [evals[-1][y]], s=40, color=style[name]["color"])  # where it ended
     ax.set(title=f"reward-KL frontier ({y[5:]})", xlabel="KL to the reference (eval/kl)", ylabel=y)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
