@@ -30,3 +30,32 @@ def test_minilm_on_hh_rlhf(tmp_path):
     evals = [r for r in metrics(tmp_path / "rm") if "eval/accuracy" in r]
     assert evals and evals[-1]["eval/pairs"] > 20
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
+
+
+@pytest.mark.slow
+def test_default_ppo_run_raises_the_gold_reward(world_root, tmp_path):
+    # the no-flag PPO run (about a minute): gold reward clearly above step 0, KL bounded
+    run("train_ppo.py", "--output_dir", tmp_path / "ppo")
+    evals = [r for r in metrics(tmp_path / "ppo") if "eval/gold_reward" in r]
+    assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.1 and evals[-1]["eval/kl"] < 3
+
+
+@pytest.mark.slow
+def test_the_comparison_command_writes_its_report(world_root, tmp_path):
+    # examples/compare_world.py at a small budget: a table row per run with finite numbers, and both pictures
+    import math
+    import subprocess
+    import sys
+    from scripts import ROOT, env
+    pytest.importorskip("matplotlib")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "compare_world.py"), "--out", tmp_path / "rep",
+                        "--completions", "1280", "--methods", "rloo,ppo,online-dpo"], env=env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in (tmp_path / "rep" / "compare.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["rloo", "rloo-pushed", "ppo", "ppo-pushed", "online-dpo",
+                                                          "online-dpo-pushed"]
+    numbers = [float(x) for row in rows for x in row.replace("[", " ").replace("]", " ").replace(",", " ")
+               .replace("(", " ").replace(")", " ").replace("s |", " ").split("|")[2].split()]
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    assert (tmp_path / "rep" / "frontier.png").stat().st_size > 10000 and (tmp_path / "rep" / "curves.png").exists()
