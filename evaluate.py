@@ -108,7 +108,7 @@ def plot(runs, out):
         size = (per_step or [1.0])[0] * (2 if "mixture_coef" in saved or "second_sample" in saved else 1)
         evals = [r for r in recs if "eval/kl" in r]
         if not evals:
-            raise nr.InputError(f"--plot {run}: metrics.jsonl has no eval records (eval/kl); was it a reward model run?")
+            raise nr.InputError(f"--plot {run}: metrics.jsonl has no eval records (eval/kl); a reward model run?")
         curves[os.path.basename(os.path.normpath(run))] = ([r["step"] * size for r in evals], evals)
     gold = all("eval/gold_reward" in evals[0] for _, evals in curves.values())
     bases = list(dict.fromkeys(name.removesuffix("-pushed") for name in curves))  # a "-pushed" run: its base's color
@@ -311,9 +311,10 @@ table = ["| model | win rate [95% CI] | score [95% CI] | baseline score [95% CI]
          "EOS rate (baseline) |", "|---|---|---|---|---|---|---|"]
 for r in results:
     kl_note = "" if r["baseline_is_reference"] else " (to baseline)"
-    table.append(f"| {r['model']} | {fmt(r['win_rate'], r['win_rate_ci'])} | {fmt(r.get('score'), r.get('score_ci'))} | "
-                 f"{fmt(r.get('baseline_score'), r.get('baseline_score_ci'))} | {r['kl_k1']:.3f} / {r['kl_k3']:.3f}"
-                 f"{kl_note} | {r['length']:.1f} ({r['baseline_length']:.1f}) | {r['eos']:.2f} ({r['baseline_eos']:.2f}) |")
+    table.append(f"| {r['model']} | {fmt(r['win_rate'], r['win_rate_ci'])} | {fmt(r.get('score'), r.get('score_ci'))} "
+                 f"| {fmt(r.get('baseline_score'), r.get('baseline_score_ci'))} | {r['kl_k1']:.3f} / {r['kl_k3']:.3f}"
+                 f"{kl_note} | {r['length']:.1f} ({r['baseline_length']:.1f}) | {r['eos']:.2f} "
+                 f"({r['baseline_eos']:.2f}) |")
 header = (f"judge: {judge}; {len(prompt_ids)} prompts of {args.dataset_name} [{args.dataset_test_split}] x "
           f"{args.num_samples} samples; baseline: {', '.join(sorted({r['baseline'] for r in results}))}\n\n")
 write_atomic("eval.md", header + "\n".join(table) + "\n")

@@ -34,14 +34,14 @@ import math
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
+from transformers import AutoModelForSequenceClassification, get_scheduler
 
 import nanorlhf as nr
 from nanorlhf import world
@@ -143,6 +143,22 @@ class Args:
     """seed of the data order and of every rollout"""
     logging_steps: int = 1
     """log every this many steps"""
+    use_peft: bool = False
+    """train a LoRA adapter (peft) instead of all weights; the reference is then the base with the adapter off"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha (the adapter's scale is alpha / r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA path (0 in the RL scripts, which turn all dropout off, as TRL)"""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """modules to adapt, e.g. q_proj v_proj; none = peft's default for the architecture"""
+    merge_adapter: bool = False
+    """with --use_peft, save the merged full model in output_dir (the adapter then in output_dir/adapter)"""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """experiment trackers besides metrics.jsonl: none, wandb, tensorboard, trackio (several allowed)"""
+    run_name: str = ""
+    """the trackers' name of this run (default: the output folder's name)"""
     eval_steps: int = 0
     """evaluate every this many steps (0 = at step 0 and at the end only)"""
     num_eval_prompts: int = 256
@@ -239,13 +255,7 @@ def step_prompts(step):
 
 
 # ----------------------------------------------------------------------------- models
-policy = nr.load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
-ref = nr.load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
-                 None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
-ref.eval().requires_grad_(False).to(device)  # frozen, never wrapped: every rank keeps a full copy
-if ref.config.vocab_size != policy.config.vocab_size:
-    raise nr.InputError(f"--sft_model_path {args.sft_model_path}: vocabulary of {ref.config.vocab_size} tokens, the "
-                        f"policy's has {policy.config.vocab_size}: the reference must share the policy's tokenizer")
+policy, ref = nr.policy_and_reference(args, device, frozen_dtype)  # ref: a full frozen copy, or the LoRA base
 scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
                    batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
@@ -287,7 +297,7 @@ value_reader = value if args.fsdp else getattr(value, "module", value)
 both = torch.nn.ModuleDict({"policy": policy, "value": value})  # what checkpoints hold
 
 # ----------------------------------------------------------------------------- optimizer
-groups = [{"params": list(policy.parameters())},
+groups = [{"params": [p for p in policy.parameters() if p.requires_grad]},
           {"params": list(value.parameters()), "lr": args.vf_learning_rate or args.learning_rate}]
 optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
@@ -297,12 +307,14 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=in
 
 
 # ----------------------------------------------------------------------------- helpers
+tracker = nr.Tracker(args)  # metrics.jsonl, samples.jsonl and --report_to, opened at the first record
+log = tracker.log
 rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
                  max_new_tokens=args.response_length, temperature=args.temperature, eos_token_id=eos_ids,
                  sharded=args.sharded_generation)
 autocast = rl.autocast
 evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
-                             seed=args.seed, output_dir=args.output_dir,
+                             seed=args.seed, tracker=tracker,
                              gold_reward=world.gold_reward if world_prompts else None)
 
 
@@ -324,8 +336,6 @@ def sync_gradients(stack, last):
             stack.enter_context(model.no_sync())
 
 
-def log(record):
-    nr.append_jsonl(args.output_dir, "metrics.jsonl", [record])
 
 
 # ----------------------------------------------------------------------------- loop
@@ -428,9 +438,10 @@ bar.close()
 
 # ----------------------------------------------------------------------------- save
 nr.save_hf(value, tokenizer, os.path.join(args.output_dir, "value_model"), nr.full_state_dict(value))
-nr.save_hf(policy, tokenizer, args.output_dir, nr.full_state_dict(policy))
+nr.save_policy(policy, tokenizer, args)  # all weights, or the LoRA adapter (and merged model)
 nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved policy to {args.output_dir}, value model to {args.output_dir}/value_model "
           f"({time.time() - t0:.0f}s training)")
+tracker.finish()
 if dist.is_initialized():
     dist.destroy_process_group()

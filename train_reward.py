@@ -24,7 +24,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -94,6 +94,22 @@ class Args:
     """seed for the head init and the data order"""
     logging_steps: int = 10
     """log every this many steps"""
+    use_peft: bool = False
+    """train a LoRA adapter (peft) and the score head instead of all weights"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA alpha (the adapter's scale is alpha / r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA path"""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """modules to adapt, e.g. q_proj v_proj; none = peft's default for the architecture"""
+    merge_adapter: bool = False
+    """with --use_peft, save the merged full model in output_dir (the adapter then in output_dir/adapter)"""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """experiment trackers besides metrics.jsonl: none, wandb, tensorboard, trackio (several allowed)"""
+    run_name: str = ""
+    """the trackers' name of this run (default: the output folder's name)"""
     eval_steps: int = 0
     """evaluate every this many steps (0 = only at the end)"""
     save_steps: int = 500
@@ -199,6 +215,8 @@ if model.config.num_labels != 1:
     raise nr.InputError(f"{args.model_name_or_path}: has num_labels={model.config.num_labels}; a reward model needs 1")
 model.config.pad_token_id = tokenizer.pad_token_id
 model.config.use_cache = False
+if args.use_peft:  # the score head stays fully trainable (peft's modules_to_save for SEQ_CLS, as TRL)
+    model = nr.add_lora(model, args, "SEQ_CLS")
 if args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.to(device)
@@ -212,8 +230,9 @@ nr.print0(f"model: {type(getattr(model, 'module', model)).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) * (world_size if args.fsdp else 1) / 1e6:.2f}M params")
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
-                              weight_decay=args.weight_decay, fused=True)  # one kernel, as TRL's adamw_torch_fused
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # LoRA: the adapter only
+                              lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
+                              fused=True)  # one kernel, as TRL's adamw_torch_fused
 scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
 
@@ -256,8 +275,8 @@ def evaluate():
             "eval/reward_max": nr.all_reduce_metrics({"x": hi}, "max")["x"], "eval/pairs": s["n"]}
 
 
-def log(record):
-    nr.append_jsonl(args.output_dir, "metrics.jsonl", [record])
+tracker = nr.Tracker(args)  # metrics.jsonl and --report_to, opened at the first record
+log = tracker.log
 
 
 # ----------------------------------------------------------------------------- loop
@@ -317,8 +336,9 @@ for step in range(start_step, total_steps):
 bar.close()
 
 # ----------------------------------------------------------------------------- save
-nr.save_hf(model, tokenizer, args.output_dir, nr.full_state_dict(model))
+nr.save_policy(model, tokenizer, args)  # all weights, or the LoRA adapter + head (and merged model)
 nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved reward model to {args.output_dir} ({time.time() - t0:.0f}s training)")
+tracker.finish()
 if dist.is_initialized():
     dist.destroy_process_group()

@@ -16,6 +16,7 @@ ranks gathered once per rollout against sharded at every token.
     python benchmarks/bench_scripts.py --only world        # world | smollm2 | sampler | fsdp
     python benchmarks/bench_scripts.py --code /tmp/old     # time another checkout's scripts (before/after)
     python benchmarks/bench_scripts.py --steps 4 --gradient_checkpointing   # memory with recomputation
+    python benchmarks/bench_scripts.py --only smollm2 --methods rloo --use_peft  # LoRA: memory without a reference copy
     python benchmarks/bench_scripts.py --only smollm2 --methods rloo,xpo
 
 The timers wrap package functions from outside (nothing in the scripts knows about them). Each run is a
@@ -227,7 +228,7 @@ def scripts_table(label, code, steps, smollm2, extra, methods):
                 continue
             with open(res) as f:
                 r = json.load(f)
-        completions = r["episodes_per_step"] * (1 if name == "rloo" else 2)  # online methods: 2 per prompt
+        completions = r["episodes_per_step"] * (1 if name in ("rloo", "ppo") else 2)  # online methods: 2 per prompt
         phases = " | ".join(f"{r['phases'][p]:>16.3f}" for p in PHASES)
         print(f"{name:>10} | {r['s_per_step']:>6.2f} | {completions / r['s_per_step']:>8.2f} | {rss:>11.0f} | "
               f"{phases}", flush=True)
@@ -244,9 +245,11 @@ def main():
     parser.add_argument("--code", default=ROOT, help="checkout whose train_*.py and nanorlhf/ are timed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--use_peft", action="store_true", help="LoRA policies (reference = base with adapter off)")
     parser.add_argument("--methods", default=",".join(m[0] for m in METHODS), help="comma-separated subset")
     args = parser.parse_args()
     smollm2, extra = smollm2_dir(), ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    extra += ["--use_peft"] if args.use_peft else []
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     os.environ.update(env)
     print(f"{os.cpu_count()} CPU(s), OMP_NUM_THREADS=1")

@@ -14,13 +14,14 @@ from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dic
                    rng_state, save_checkpoint, save_hf, set_rng_state, transformer_blocks)
 from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
                      value_loss, xpo_loss)
+from .models import AdapterOff, add_lora, policy_and_reference, save_adapter, save_policy
 from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean,
                   position_ids_from_mask, prompt_forward, selective_log_softmax,
                   truncate_at_eos)
 from .rewards import (Scorer, call_reward_fn, head_logits, last_token_index, load_function, max_positions,
                       reward_model_scores, rm_sequences, score_completions, token_values, mean_interval,
                       win_outcomes)
-from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, save_training_state,
+from .runs import (Tracker, append_jsonl, check_output_dir, finish_run, load_training_state, save_training_state,
                    start_run)
 from .sampling import Rollouts, generate, generate_mixture, rollout_seeds
 

@@ -7,6 +7,7 @@
 import argparse
 import ast
 import dataclasses
+import importlib.util
 import inspect
 import math
 import os
@@ -38,16 +39,17 @@ def usage_error(message):
 NONNEG = ("learning_rate", "max_grad_norm", "weight_decay", "eval_steps", "save_steps", "save_total_limit",
           "kl_coef", "missing_eos_penalty", "center_rewards_coefficient", "num_sample_generations", "num_eval_prompts",
           "vf_coef", "vf_learning_rate", "cliprange_value")
-POSITIVE = ("logging_steps", "adam_epsilon", "num_train_epochs", "per_device_train_batch_size",
+POSITIVE = ("lora_r", "lora_alpha", "logging_steps", "adam_epsilon", "num_train_epochs", "per_device_train_batch_size",
             "per_device_eval_batch_size", "gradient_accumulation_steps", "local_rollout_forward_batch_size",
             "num_mini_batches", "num_ppo_epochs", "response_length", "max_new_tokens", "temperature", "cliprange",
             "reward_clip_range", "max_length", "max_prompt_length")
-FRACTION = ("warmup_ratio", "eval_fraction", "gamma", "lam")
+FRACTION = ("warmup_ratio", "eval_fraction", "gamma", "lam", "lora_dropout")
 
 
 def check_flags(args):
     """Usage error naming the first flag out of range: NONNEG >= 0, POSITIVE > 0, FRACTION in [0, 1]; None
-    (off) passes. --fsdp needs torchrun; --sharded_generation needs --fsdp."""
+    (off) passes. --fsdp needs torchrun; --sharded_generation needs --fsdp; --report_to trackers must exist and
+    be installed."""
     for names, ok, what in ((NONNEG, lambda v: v >= 0, ">= 0"), (POSITIVE, lambda v: v > 0, "> 0"),
                             (FRACTION, lambda v: 0 <= v <= 1, "in [0, 1]")):
         for name in names:
@@ -59,6 +61,15 @@ def check_flags(args):
                     f"--nproc_per_node 2 {os.path.basename(sys.argv[0])} --fsdp")
     if getattr(args, "sharded_generation", False) and not getattr(args, "fsdp", False):
         usage_error("--sharded_generation chooses how an FSDP2-sharded policy samples: it needs --fsdp")
+    if getattr(args, "use_peft", False) and (getattr(args, "fsdp", False) or importlib.util.find_spec("peft") is None):
+        usage_error("--use_peft with --fsdp: LoRA runs under DDP (the adapter is small); drop one of them" if args.fsdp
+                    else '--use_peft needs peft: pip install -e ".[peft]" (or pip install peft)')
+    for name in getattr(args, "report_to", []):  # at start, never after an hour of training
+        if name not in ("none", "wandb", "tensorboard", "trackio"):
+            usage_error(f"--report_to {name}: use none, wandb, tensorboard or trackio (several allowed)")
+        if name != "none" and importlib.util.find_spec(name) is None:
+            usage_error(f"--report_to {name}: {name} is not installed; run pip install -e \".[{name}]\" "
+                        f"(or pip install {name})")
 
 
 def parse_schedule(flag, text, lo, hi):

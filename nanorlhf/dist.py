@@ -1,6 +1,7 @@
 """Distributed plumbing: process group, rank-0 printing, metric all-reduce, saving, checkpoints."""
 import ctypes
 import glob
+import json
 import math
 import os
 import random
@@ -114,9 +115,24 @@ def load_full_state_dict(model, optimizer, model_state, optimizer_state):
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=opts)
 
 
+def _adapter_base(path):
+    """(base model, its gguf_file) of a LoRA adapter folder (adapter_config.json, no config.json), else None."""
+    file = lambda name: os.path.join(os.path.expanduser(path), name)  # noqa: E731
+    if not os.path.exists(file("adapter_config.json")) or os.path.exists(file("config.json")):
+        return None
+    with open(file("adapter_config.json")) as f:
+        base = json.load(f)["base_model_name_or_path"]
+    run = {}  # a train_*.py --use_peft run: its args.json says which GGUF file the base was read from
+    if os.path.exists(file("args.json")):
+        with open(file("args.json")) as f:
+            run = json.load(f)
+    return base, run.get("gguf_file")
+
+
 def _check_model_path(path, gguf_file=None):
     where = os.path.expanduser(path)
-    if os.path.isdir(where) and not gguf_file and not os.path.exists(os.path.join(where, "config.json")):
+    if os.path.isdir(where) and not gguf_file and not os.path.exists(os.path.join(where, "config.json")) and \
+            not _adapter_base(path):
         raise InputError(f"{path}: no config.json in this folder, so it is not a Hugging Face model folder")
     if gguf_file and not os.path.exists(os.path.join(where, gguf_file)) and os.path.isdir(where):
         raise InputError(f"{path}: no file {gguf_file} in this folder")
@@ -143,6 +159,14 @@ def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
     for frozen models under GPU autocast. A dequantized GGUF checkpoint loses its quantized mark (HF would
     refuse to save it)."""
     _check_model_path(path, gguf_file)
+    if _adapter_base(path):  # a LoRA adapter (train_*.py --use_peft): its base with the adapter merged in
+        from peft import PeftModel
+        base, gguf = _adapter_base(path)
+        if "SequenceClassification" in auto_class.__name__:
+            kwargs.setdefault("num_labels", 1)  # a reward model's adapter: the saved head has one label
+        model = PeftModel.from_pretrained(load_hf(auto_class, base, gguf, dtype, **kwargs), path).merge_and_unload()
+        model.config.architectures = [type(model).__name__]
+        return model
     try:
         model = auto_class.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **kwargs)
     except OSError as e:  # not a local folder, and the hub is out of reach or has no such model

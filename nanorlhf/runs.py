@@ -1,6 +1,6 @@
-"""An output directory per run: guard it, log to it, checkpoint into it, resume from it. A run calls
-`check_output_dir` (refusals only), loads data and models, `start_run` (the only place an old run's
-state is removed), trains, saves, and `finish_run` (marks the run complete)."""
+"""An output directory per run: guard it, log to it (and to experiment trackers: `Tracker`), checkpoint into it,
+resume from it. A run calls `check_output_dir` (refusals only), loads data and models, `start_run` (the only
+place an old run's state is removed), trains, saves, and `finish_run` (marks the run complete)."""
 import json
 import os
 import shutil
@@ -15,7 +15,7 @@ from .dist import checkpoints, full_state_dict, is_main, load_checkpoint, load_f
 # flags that change neither the data a step sees nor the update it makes: free to differ on --resume
 FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps", "eval_steps", "save_steps",
                   "save_total_limit", "num_eval_prompts", "num_sample_generations", "per_device_eval_batch_size",
-                  "gradient_checkpointing", "sharded_generation"}
+                  "gradient_checkpointing", "sharded_generation", "report_to", "run_name"}
 COMPLETE = "run_complete.json"  # written after the final model: the run in this folder finished
 
 
@@ -155,3 +155,64 @@ def load_training_state(output_dir, model, optimizer, scheduler, extra=None):
         dist.barrier()
     print0(f"resumed from {path} at step {step}")
     return step
+
+
+class Tracker:
+    """Where a run's records go: output_dir/metrics.jsonl and samples.jsonl always, and on rank 0 the trackers of
+    --report_to (wandb, tensorboard, trackio) with the same names at the same step, the run's arguments as their
+    config and sample tables as their table type. Opened at the first record (after start_run has cleaned the
+    folder); each reads its own environment (WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE, TRACKIO_PROJECT, ...)."""
+
+    def __init__(self, args):
+        self.args, self.out, self.open = args, args.output_dir, None
+        self.names = [n for n in getattr(args, "report_to", []) if n != "none"] if is_main() else []
+        self.run_name = getattr(args, "run_name", "") or os.path.basename(os.path.normpath(args.output_dir))
+
+    def _start(self):
+        self.open, config = {}, asdict(self.args)
+        if "wandb" in self.names:  # the modules' own log / Table / finish act on the run they started
+            import wandb
+            wandb.init(project=os.environ.get("WANDB_PROJECT", "nanorlhf"), name=self.run_name, config=config,
+                       dir=self.out)
+            self.open["wandb"] = wandb
+        if "tensorboard" in self.names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.open["tensorboard"] = SummaryWriter(os.path.join(self.out, "tensorboard", self.run_name))
+            self.open["tensorboard"].add_text("args", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
+        if "trackio" in self.names:
+            import trackio
+            trackio.init(project=os.environ.get("TRACKIO_PROJECT", "nanorlhf"), name=self.run_name, config=config)
+            self.open["trackio"] = trackio
+
+    def log(self, record):
+        """One metric record {"step": n, name: number, ...}."""
+        append_jsonl(self.out, "metrics.jsonl", [record])
+        if self.names:
+            if self.open is None:
+                self._start()
+            step, scalars = record["step"], {k: float(v) for k, v in record.items() if k != "step"}
+            for name, t in self.open.items():
+                if name == "tensorboard":
+                    for k, v in scalars.items():
+                        t.add_scalar(k, v, step)
+                else:
+                    t.log(scalars, step=step)
+
+    def table(self, rows):
+        """A table of samples (a list of dicts with the same keys, one of them "step")."""
+        append_jsonl(self.out, "samples.jsonl", rows)
+        if self.names and rows:
+            if self.open is None:
+                self._start()
+            step, cols = rows[0]["step"], [k for k in rows[0] if k != "step"]
+            data = [[r[k] for k in cols] for r in rows]
+            for name, t in self.open.items():
+                if name == "tensorboard":
+                    t.add_text("samples", "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
+                        "| " + " | ".join(str(x).replace("|", "/") for x in row) + " |" for row in data), step)
+                else:
+                    t.log({"samples": t.Table(columns=cols, data=data)}, step=step)
+
+    def finish(self):
+        for name, t in (self.open or {}).items():
+            t.close() if name == "tensorboard" else t.finish()

@@ -16,7 +16,6 @@ from tqdm import tqdm
 from .data import pad
 from .dist import all_reduce_metrics, is_main
 from .ops import completion_logprobs, position_ids_from_mask, prompt_forward, truncate_at_eos
-from .runs import append_jsonl
 
 
 def rollout_seeds(seed, prompt_indices, sample_index=0):
@@ -189,7 +188,7 @@ class Rollouts:
         return lp.float() * cmask
 
     @torch.no_grad()
-    def evaluate(self, step, ref, scorer, prompts, prompt_ids, *, seed, output_dir, gold_reward=None):
+    def evaluate(self, step, ref, scorer, prompts, prompt_ids, *, seed, tracker, gold_reward=None):
         """Held-out prompts sampled the same way each time (seeds fixed), split over ranks (padding rows keep
         every rank's forwards equal, weight 0): eval/ reward (when a scorer), kl (summed k1 to ref), length and
         gold_reward (gold_reward(prompt texts, completion texts)); 4 samples to samples.jsonl and the screen."""
@@ -212,7 +211,7 @@ class Rollouts:
         r = all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
         table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
                  for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
-        append_jsonl(output_dir, "samples.jsonl", table)
+        tracker.table(table)  # samples.jsonl and the trackers' tables
         for row in table if is_main() else []:
             tqdm.write(f"  {row['prompt'][-60:]!r} -> {row['completion'][:80]!r}  score {row['score']}  kl {row['kl']}")
         return {f"eval/{k}": v / r["n"] for k, v in r.items() if k != "n"}

@@ -1,0 +1,87 @@
+"""The RL scripts' policy and reference, in full or as a LoRA adapter (peft, the optional extra `.[peft]`) whose
+reference is its own base with the adapter off; saving either."""
+import os
+import shutil
+
+import torch
+
+from .config import InputError, usage_error
+from .dist import full_state_dict, is_main, load_hf, save_hf
+
+
+def policy_and_reference(args, device, frozen_dtype):
+    """(policy, reference). The policy: float32 (trained weights), on the CPU (the script moves and wraps it), with
+    --use_peft a peft model with a LoRA adapter. The reference: --sft_model_path or the initial policy, a full copy
+    in frozen_dtype on device, never wrapped; with --use_peft the policy's own base weights with the adapter off
+    (`AdapterOff`), so no second copy is held."""
+    from transformers import AutoModelForCausalLM
+    policy = load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
+    if args.use_peft:
+        if args.sft_model_path:
+            usage_error("--use_peft: the reference is the policy's base with its adapter off; drop --sft_model_path")
+        policy = add_lora(policy, args, "CAUSAL_LM")
+        return policy, AdapterOff(policy)
+    ref = load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
+                  None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
+    ref.eval().requires_grad_(False).to(device)
+    if ref.config.vocab_size != policy.config.vocab_size:
+        raise InputError(f"--sft_model_path {args.sft_model_path}: vocabulary of {ref.config.vocab_size} tokens, the "
+                         f"policy's has {policy.config.vocab_size}: the reference must share the policy's tokenizer")
+    return policy, ref
+
+
+def save_policy(model, tokenizer, args):
+    """The trained model into args.output_dir: all weights (save_hf), or with --use_peft the adapter (save_adapter,
+    merged too with --merge_adapter). A collective without --use_peft: call on every rank."""
+    if getattr(args, "use_peft", False):
+        save_adapter(model, tokenizer, args.output_dir, merge=args.merge_adapter)
+    else:
+        save_hf(model, tokenizer, args.output_dir, full_state_dict(model))
+
+
+def add_lora(model, args, task_type):
+    """model wrapped by peft with a LoRA adapter of --lora_r, --lora_alpha, --lora_dropout, --lora_target_modules
+    (TRL's names; none = peft's default modules for the architecture). Only the adapter trains, plus, for a
+    sequence classifier (task_type "SEQ_CLS"), its score head: peft keeps it fully trainable (modules_to_save)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        usage_error('--use_peft needs peft: pip install -e ".[peft]" (or pip install peft)')
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or None, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+class AdapterOff(torch.nn.Module):
+    """The reference of a LoRA run: the policy's own base weights with the adapter disabled for each call, so no
+    second copy of the model is held. Holds the peft model without registering it (no parameters of its own)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.__dict__["peft_model"] = peft_model
+        self.config = peft_model.config
+
+    def forward(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+def save_adapter(model, tokenizer, output_dir, merge=False):
+    """Rank 0 saves the adapter (adapter_model.safetensors + adapter_config.json, for PeftModel.from_pretrained)
+    and the tokenizer into output_dir; with merge, output_dir gets the merged full model (from_pretrained as any
+    model) and the adapter goes to output_dir/adapter. Written to a temporary folder first, then moved in."""
+    if not is_main():
+        return
+    peft_model = getattr(model, "module", model)
+    tmp = os.path.join(output_dir, ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(os.path.join(tmp, "adapter") if merge else tmp)
+    tokenizer.save_pretrained(os.path.join(tmp, "adapter") if merge else tmp)
+    if merge:
+        peft_model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):  # configs last
+        if os.path.isdir(os.path.join(output_dir, name)):
+            shutil.rmtree(os.path.join(output_dir, name))
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
