@@ -68,6 +68,7 @@ def child_run(code, script, argv, out_json):
     import torch
     import nanorlhf
     import nanorlhf.rewards
+    import nanorlhf.runs
     import nanorlhf.sampling
     spans, logs, grown = [], [], {}  # (phase, start, seconds); times of the per-step metric records; MB
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -105,6 +106,8 @@ def child_run(code, script, argv, out_json):
             logs.append((time.perf_counter(), records[0]))
         return append(output_dir, name, records)
     nanorlhf.append_jsonl = append_jsonl
+    if hasattr(nanorlhf, "Tracker"):  # scripts log through Tracker.log, which calls runs.append_jsonl
+        nanorlhf.runs.append_jsonl = append_jsonl
     sys.argv = [script, *argv]
     import runpy
     runpy.run_path(os.path.join(code, script), run_name="__main__")
