@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RM_RECIPE = ["--max_steps", 130, "--per_device_train_batch_size", 16, "--learning_rate", 5e-5, "--max_length", 256,
-             "--logging_steps", 10, "--eval_steps", 65]
+             "--logging_steps", 10, "--eval_steps", 65, "--gradient_checkpointing", "false"]
 # RL settings, chosen so the signal shows within a CPU budget: 64 new tokens (hh answers are long; the cap is hit
 # often), stop at EOS, k=2 samples per prompt and one PPO epoch (REINFORCE with a leave-one-out baseline: the
 # cheapest informative update), lr 1e-5 (TRL's 3e-6 moves a 135M model too little in 30 steps), kl_coef 0.05.
@@ -62,14 +62,19 @@ def split(data, out):
     return {k: len(v) for k, v in parts.items()}
 
 
-def sh(script, *flags):
-    """Run a top-level script of the repository as a fresh process; returns the wall time in seconds."""
-    t = time.time()
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-    print("$", " ".join(cmd[1:]), flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"{script} failed:\n{r.stderr[-3000:]}")
+def sh(*jobs, threads=1):
+    """Run top-level scripts of the repository, (script, flags) each, side by side as fresh processes with
+    `threads` intra-op threads each; returns the wall time in seconds."""
+    t, procs = time.time(), []
+    for script, flags in jobs:
+        cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
+        print("$", " ".join(cmd[1:]), flush=True)
+        procs.append((script, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                               env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
+    for script, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            sys.exit(f"{script} failed:\n{err[-3000:]}")
     return time.time() - t
 
 
@@ -97,20 +102,22 @@ def main():
     counts = split(a.data, os.path.join(out, "data"))
     times["split"] = time.time() - t
     data = lambda name: os.path.join(out, "data", name)  # noqa: E731
-    for name in ("rm", "judge"):
-        times[name] = sh("train_reward.py", "--model_name_or_path", encoder, "--dataset_name", data(name),
-                         "--output_dir", os.path.join(out, name), "--overwrite_output_dir", *RM_RECIPE)
+    # the two reward models side by side, one core each; RL with both cores; the two evaluations side by side
+    times["reward model and judge"] = sh(*[("train_reward.py", [
+        "--model_name_or_path", encoder, "--dataset_name", data(name), "--output_dir", os.path.join(out, name),
+        "--overwrite_output_dir", *RM_RECIPE]) for name in ("rm", "judge")])
     script, flags = RL[a.method]
-    times["rl"] = sh(script, "--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
-                     "--reward_model_path", os.path.join(out, "rm"), "--output_dir", os.path.join(out, "rl"),
-                     "--overwrite_output_dir", "--total_episodes", a.rl_episodes, "--max_prompt_length", 256,
-                     "--num_eval_prompts", 32, "--eval_steps", 15, "--num_sample_generations", 0, *flags)
+    times["rl"] = sh((script, ["--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
+                               "--reward_model_path", os.path.join(out, "rm"), "--output_dir", os.path.join(out, "rl"),
+                               "--overwrite_output_dir", "--total_episodes", a.rl_episodes, "--max_prompt_length",
+                               256, "--num_eval_prompts", 32, "--eval_steps", 15, "--num_sample_generations", 0,
+                               *flags]), threads=os.cpu_count())
+    times["evaluation (both judges)"] = sh(*[("evaluate.py", [
+        "--model_name_or_path", os.path.join(out, "rl"), "--reward_model_path", os.path.join(out, name),
+        "--dataset_name", data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64,
+        "--max_prompt_length", 256, "--output_dir", os.path.join(out, f"eval_{name}")]) for name in ("rm", "judge")])
     ev = {}
     for name in ("rm", "judge"):
-        times[f"eval ({name})"] = sh("evaluate.py", "--model_name_or_path", os.path.join(out, "rl"),
-                                     "--reward_model_path", os.path.join(out, name), "--dataset_name", data("prompts"),
-                                     "--num_prompts", a.eval_prompts, "--max_new_tokens", 64, "--max_prompt_length",
-                                     256, "--output_dir", os.path.join(out, f"eval_{name}"))
         with open(os.path.join(out, f"eval_{name}", "eval.json")) as f:
             ev[name] = json.load(f)["results"][0]
     with open(os.path.join(out, "eval_judge", "eval_samples.jsonl")) as f:

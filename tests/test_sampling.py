@@ -1,9 +1,11 @@
 """Tier 2 for nanorlhf.sampling: KV cache vs recompute, greedy limit, mixture distribution, batch invariance."""
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf import generate, generate_mixture, pad, rollout_seeds, truncate_at_eos
+from nanorlhf import Tracker, generate, generate_mixture, pad, rollout_seeds, truncate_at_eos
 from nanorlhf.world import make_model
 
 PROMPTS = [[4, 6, 24, 25, 5], [4, 7, 26, 5], [4, 6, 28, 29, 30, 5], [4, 7, 31, 5]]
@@ -172,7 +174,8 @@ def test_rollouts_chunks_and_evaluation(tiny_lm, tokenizer, tmp_path):
                     pad_token_id=tokenizer.pad_token_id, seeds=seeds, temperature=0.9)[2]
     torch.testing.assert_close(lp, want, atol=1e-5, rtol=0)
     # evaluation against the model itself: kl 0; the metrics of a run without a reward model
-    out = whole.evaluate(3, tiny_lm, None, ["p"] * 8, rows, seed=2, output_dir=str(tmp_path),
+    tracker = Tracker(types.SimpleNamespace(output_dir=str(tmp_path)))  # samples.jsonl only (no --report_to)
+    out = whole.evaluate(3, tiny_lm, None, ["p"] * 8, rows, seed=2, tracker=tracker,
                          gold_reward=lambda p, c: [float(len(x)) for x in c])
     assert abs(out["eval/kl"]) < 1e-5 and set(out) == {"eval/kl", "eval/length", "eval/gold_reward"}
     assert (tmp_path / "samples.jsonl").read_text().count('"step": 3') == 4

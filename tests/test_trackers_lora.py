@@ -135,7 +135,7 @@ def weights_of(path):
     return load_file(path)
 
 
-def test_lora_reward_model_and_resume(world_root, tmp_path):
+def test_lora_reward_model(world_root, tmp_path):
     pytest.importorskip("peft")
     # reward model: adapter + score head (peft's modules_to_save) train; the RL scripts read the adapter folder
     run("train_reward.py", "--output_dir", tmp_path / "rm", "--max_steps", 3, "--per_device_train_batch_size", 4,
@@ -144,7 +144,12 @@ def test_lora_reward_model_and_resume(world_root, tmp_path):
     assert any("score" in k for k in saved) and any("lora_A" in k for k in saved)
     run("train_ppo.py", "--output_dir", tmp_path / "ppo", *RLOO, "--reward_model_path", tmp_path / "rm", "--use_peft")
     assert {"adapter_model.safetensors", "value_model"} <= set(os.listdir(tmp_path / "ppo"))
+
+
+@pytest.mark.slow
+def test_lora_kill_and_resume(world_root, tmp_path):
     # kill -9 and --resume: the adapter and its optimizer come back exactly
+    pytest.importorskip("peft")
     common = [*RLOO, "--total_episodes", 240, "--save_steps", 3, "--use_peft", "--learning_rate", 3e-3]
     run("train_rloo.py", "--output_dir", tmp_path / "full", *common)
     kill_after("train_rloo.py", *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000006")
