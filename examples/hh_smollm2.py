@@ -27,8 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RM_RECIPE = ["--max_steps", 130, "--per_device_train_batch_size", 16, "--learning_rate", 5e-5, "--max_length", 256,
-             "--logging_steps", 10, "--eval_steps", 65, "--gradient_checkpointing", "false"]
+RM_RECIPE = ["--per_device_train_batch_size", 16, "--learning_rate", 5e-5, "--max_length", 256, "--logging_steps", 10,
+             "--gradient_checkpointing", "false"]  # and --max_steps (130: the budget TRL's 0.64 was measured at)
 # RL settings, chosen so the signal shows within a CPU budget: 64 new tokens (hh answers are long; the cap is hit
 # often), stop at EOS, k=2 samples per prompt and one PPO epoch (REINFORCE with a leave-one-out baseline: the
 # cheapest informative update), lr 1e-5 (TRL's 3e-6 moves a 135M model too little in 30 steps), kl_coef 0.05.
@@ -88,6 +88,7 @@ def main():
     p.add_argument("--data", default=HH, help="hh-rlhf pairs: a file, folder or hub name (split 'train')")
     p.add_argument("--out", default="report/hh_smollm2")
     p.add_argument("--method", default="rloo", choices=sorted(RL))
+    p.add_argument("--rm_steps", type=int, default=130, help="reward model and judge steps of 16 pairs")
     p.add_argument("--rl_episodes", type=int, default=480, help="completions sampled in RL (480 = 30 steps of 16)")
     p.add_argument("--eval_prompts", type=int, default=96)
     a = p.parse_args()
@@ -105,7 +106,8 @@ def main():
     # the two reward models side by side, one core each; RL with both cores; the two evaluations side by side
     times["reward model and judge"] = sh(*[("train_reward.py", [
         "--model_name_or_path", encoder, "--dataset_name", data(name), "--output_dir", os.path.join(out, name),
-        "--overwrite_output_dir", *RM_RECIPE]) for name in ("rm", "judge")])
+        "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE])
+        for name in ("rm", "judge")])
     script, flags = RL[a.method]
     times["rl"] = sh((script, ["--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
                                "--reward_model_path", os.path.join(out, "rm"), "--output_dir", os.path.join(out, "rl"),

