@@ -49,8 +49,11 @@ def split(data, out):
     sys.path.insert(0, ROOT)
     import nanorlhf as nr
     pairs = nr.preference_pairs(nr.load_rows(data, "train"), data)
-    parts = {"test": [], "a": [], "b": []}
+    parts, empty = {"test": [], "a": [], "b": []}, 0
     for p in pairs:
+        if not all(str(p[k]).strip() for k in ("chosen", "rejected")):  # an empty answer: no preference to learn
+            empty += 1
+            continue
         h = int.from_bytes(hashlib.sha256(first_human_turn(p["prompt"]).encode()).digest()[:8], "little") % 20
         parts["test" if h < 2 else "a" if h % 2 else "b"].append({k: p[k] for k in ("prompt", "chosen", "rejected")})
     for folder, train in (("rm", parts["a"]), ("judge", parts["b"]), ("prompts", parts["a"] + parts["b"])):
@@ -59,22 +62,25 @@ def split(data, out):
             with open(os.path.join(out, folder, f"{name}.jsonl"), "w") as f:
                 for r in rows:
                     f.write(json.dumps({"prompt": r["prompt"]} if folder == "prompts" else r) + "\n")
+    print(f"{len(pairs)} pairs: {empty} with an empty answer dropped, " + ", ".join(f"{len(v)} {k}" for k, v in
+                                                                                  parts.items()), flush=True)
     return {k: len(v) for k, v in parts.items()}
 
 
 def sh(*jobs, threads=1):
-    """Run top-level scripts of the repository, (script, flags) each, side by side as fresh processes with
-    `threads` intra-op threads each; returns the wall time in seconds."""
+    """Run top-level scripts of the repository, (script, flags, log file) each, side by side as fresh processes
+    with `threads` intra-op threads each, their output in the log files; returns the wall time in seconds."""
     t, procs = time.time(), []
-    for script, flags in jobs:
+    for script, flags, log in jobs:
         cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-        print("$", " ".join(cmd[1:]), flush=True)
-        procs.append((script, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                               env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
-    for script, proc in procs:
-        _, err = proc.communicate()
-        if proc.returncode:
-            sys.exit(f"{script} failed:\n{err[-3000:]}")
+        print("$", " ".join(cmd[1:]), ">", log, flush=True)
+        with open(log, "w") as f:
+            procs.append((script, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
+    for script, log, proc in procs:
+        if proc.wait():
+            with open(log) as f:
+                sys.exit(f"{script} failed (log: {log}):\n{f.read()[-3000:]}")
     return time.time() - t
 
 
@@ -104,20 +110,22 @@ def main():
     times["split"] = time.time() - t
     data = lambda name: os.path.join(out, "data", name)  # noqa: E731
     # the two reward models side by side, one core each; RL with both cores; the two evaluations side by side
+    log = lambda name: os.path.join(out, f"{name}.log")  # noqa: E731
     times["reward model and judge"] = sh(*[("train_reward.py", [
         "--model_name_or_path", encoder, "--dataset_name", data(name), "--output_dir", os.path.join(out, name),
-        "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE])
-        for name in ("rm", "judge")])
+        "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE],
+        log(name)) for name in ("rm", "judge")])
     script, flags = RL[a.method]
     times["rl"] = sh((script, ["--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
                                "--reward_model_path", os.path.join(out, "rm"), "--output_dir", os.path.join(out, "rl"),
                                "--overwrite_output_dir", "--total_episodes", a.rl_episodes, "--max_prompt_length",
                                256, "--num_eval_prompts", 32, "--eval_steps", 15, "--num_sample_generations", 0,
-                               *flags]), threads=os.cpu_count())
+                               *flags], log("rl")), threads=os.cpu_count())
     times["evaluation (both judges)"] = sh(*[("evaluate.py", [
         "--model_name_or_path", os.path.join(out, "rl"), "--reward_model_path", os.path.join(out, name),
         "--dataset_name", data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64,
-        "--max_prompt_length", 256, "--output_dir", os.path.join(out, f"eval_{name}")]) for name in ("rm", "judge")])
+        "--max_prompt_length", 256, "--output_dir", os.path.join(out, f"eval_{name}")], log(f"eval_{name}"))
+        for name in ("rm", "judge")])
     ev = {}
     for name in ("rm", "judge"):
         with open(os.path.join(out, f"eval_{name}", "eval.json")) as f:
