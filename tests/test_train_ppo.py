@@ -138,3 +138,19 @@ def test_bad_inputs(world_root, tmp_path):
     ckpt = sorted(p for p in os.listdir(tmp_path / "j") if p.startswith("checkpoint-"))[-1]
     (tmp_path / "j" / ckpt / "state.pt").write_bytes(b"garbage")
     assert "cannot load checkpoint" in _fails(*out("j"), *FAST, "--save_steps", 1, "--resume")
+
+
+def test_fsdp_ranks_with_and_without_a_repeated_prompt(world_root, tmp_path):
+    # one completion per prompt: a rank may hold a prompt twice (its rows share a prompt forward) while the other
+    # holds none twice; under FSDP2 both must still run the same number of forwards (they once ran 2 and 1: hang)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(42)).tolist()  # the script's epoch order
+    texts = ["happy cat rain", "gloomy box", "happy road hill", "gloomy tree", "happy cup", "gloomy hill road",
+             "happy box tree", "gloomy cat"]
+    texts[order[1]] = texts[order[0]]  # rank 0's first two rows: the same prompt; rank 1's four: all different
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": t}]}) + "\n"
+                                              for t in texts))
+    run(SCRIPT, "--output_dir", tmp_path / "out", "--dataset_name", tmp_path / "p.jsonl", "--reward_fn",
+        "nanorlhf.world:gold_reward", "--model_name_or_path", os.path.join(world_root, "policy"),
+        "--per_device_train_batch_size", 4, "--total_episodes", 8, "--response_length", 8, "--num_ppo_epochs", 2,
+        "--fsdp", procs=2, timeout=120)
+    assert [r["step"] for r in metrics(tmp_path / "out") if "loss/value_avg" in r] == [1]
