@@ -230,9 +230,9 @@ def rollouts(model):
                        eos_token_id=[tokenizer.eos_token_id] if args.stop_token == "eos" else [])
 
 
-def samples(model):
-    """(ids, mask, tokens, cmask, completion texts, scores or None) of this rank's rows."""
-    ids, mask, tokens, cmask = rollouts(model).sample([prompt_ids[i] for i, _ in mine], seeds)
+def samples(rl):
+    """(ids, mask, tokens, cmask, completion texts, scores or None) of this rank's rows, sampled by Rollouts rl."""
+    ids, mask, tokens, cmask = rl.sample([prompt_ids[i] for i, _ in mine], seeds)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     s = None if scorer is None else scorer([prompts[i] for i, _ in mine], ids, mask, tokens, cmask)[0]
     return ids, mask, tokens, cmask, texts, s
@@ -268,11 +268,11 @@ for path in args.model_name_or_path:
     base_path, base_gguf, is_ref = baselines[path]
     if (base_path, base_gguf) not in loaded:
         base = load_policy(base_path, base_gguf)
-        loaded[(base_path, base_gguf)] = (base, samples(base))
+        loaded[(base_path, base_gguf)] = (base, samples(rollouts(base)))
     base, (_, _, b_tokens, b_cmask, b_texts, b_scores) = loaded[(base_path, base_gguf)]
     model = load_policy(path, baseline=(base_path, base))
-    ids, mask, tokens, cmask, texts, scores = samples(model)
     rl = rollouts(model)
+    ids, mask, tokens, cmask, texts, scores = samples(rl)
     kl = nr.kl_estimators(rl.logprobs(model, ids, mask, tokens, cmask), rl.logprobs(base, ids, mask, tokens, cmask),
                           cmask)
     p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -299,6 +299,7 @@ both = torch.nn.ModuleDict({"policy": policy, "value": value})  # what checkpoin
 # ----------------------------------------------------------------------------- optimizer
 groups = [{"params": [p for p in policy.parameters() if p.requires_grad]},
           {"params": list(value.parameters()), "lr": args.vf_learning_rate or args.learning_rate}]
+trained = [p for g in groups for p in g["params"]]  # clipped together, as one model
 optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
 updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
@@ -397,8 +398,7 @@ for step in range(start_step, total_steps):
                 for key, v in (("pg", pg_loss), ("vf", vf_loss), ("vf_clipfrac", vf_clipfrac),
                                ("entropy", nr.masked_mean(ent, cmask[rows])), *st.items()):
                     stats[key].append(v.item())
-            params = [p for m in (policy, value) for p in m.parameters()]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm or float("inf"))
             nr.check_finite(step + 1, loss=stats["pg"][-1] + stats["vf"][-1], grad_norm=grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
             optimizer.step()

@@ -61,9 +61,10 @@ def check_flags(args):
                     f"--nproc_per_node 2 {os.path.basename(sys.argv[0])} --fsdp")
     if getattr(args, "sharded_generation", False) and not getattr(args, "fsdp", False):
         usage_error("--sharded_generation chooses how an FSDP2-sharded policy samples: it needs --fsdp")
-    if getattr(args, "use_peft", False) and (getattr(args, "fsdp", False) or importlib.util.find_spec("peft") is None):
-        usage_error("--use_peft with --fsdp: LoRA runs under DDP (the adapter is small); drop one of them" if args.fsdp
-                    else '--use_peft needs peft: pip install -e ".[peft]" (or pip install peft)')
+    if getattr(args, "use_peft", False) and getattr(args, "fsdp", False):
+        usage_error("--use_peft with --fsdp: LoRA runs under DDP (the adapter is small); drop one of them")
+    if getattr(args, "use_peft", False) and importlib.util.find_spec("peft") is None:
+        usage_error('--use_peft needs peft: pip install -e ".[peft]" (or pip install peft)')
     for name in getattr(args, "report_to", []):  # at start, never after an hour of training
         if name not in ("none", "wandb", "tensorboard", "trackio"):
             usage_error(f"--report_to {name}: use none, wandb, tensorboard or trackio (several allowed)")

@@ -159,9 +159,10 @@ def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
     for frozen models under GPU autocast. A dequantized GGUF checkpoint loses its quantized mark (HF would
     refuse to save it)."""
     _check_model_path(path, gguf_file)
-    if _adapter_base(path):  # a LoRA adapter (train_*.py --use_peft): its base with the adapter merged in
+    adapter = _adapter_base(path)
+    if adapter:  # a LoRA adapter (train_*.py --use_peft): its base with the adapter merged in
         from peft import PeftModel
-        base, gguf = _adapter_base(path)
+        base, gguf = adapter
         if "SequenceClassification" in auto_class.__name__:
             kwargs.setdefault("num_labels", 1)  # a reward model's adapter: the saved head has one label
         model = PeftModel.from_pretrained(load_hf(auto_class, base, gguf, dtype, **kwargs), path).merge_and_unload()

@@ -42,11 +42,9 @@ def save_policy(model, tokenizer, args):
 def add_lora(model, args, task_type):
     """model wrapped by peft with a LoRA adapter of --lora_r, --lora_alpha, --lora_dropout, --lora_target_modules
     (TRL's names; none = peft's default modules for the architecture). Only the adapter trains, plus, for a
-    sequence classifier (task_type "SEQ_CLS"), its score head: peft keeps it fully trainable (modules_to_save)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        usage_error('--use_peft needs peft: pip install -e ".[peft]" (or pip install peft)')
+    sequence classifier (task_type "SEQ_CLS"), its score head: peft keeps it fully trainable (modules_to_save).
+    (check_flags has already refused --use_peft when peft is not installed.)"""
+    from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules or None, task_type=task_type)
     return get_peft_model(model, config)
