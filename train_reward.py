@@ -12,7 +12,7 @@ pad id, wrong when pad == eos); the score is read at the completion's EOS, which
 max_length but beyond the model's positions (BERT: 512) keeps its end and is counted, where TRL
 crashed; eval accuracy counts ties as wrong; train records are means over the logging window and `lr`
 is the rate the logged update used. As TRL: weights float32 whatever the checkpoint's dtype, AdamW
-eps 1e-8, weight_decay 0, gradient checkpointing on (off in the built-in world's settings).
+eps 1e-8, weight_decay 0, dropout off, gradient checkpointing on (off in the built-in world's settings).
 
 Launch:
     python train_reward.py                                   # built-in world, 1 process
@@ -20,6 +20,7 @@ Launch:
         --dataset_name trl-lib/ultrafeedback_binarized --bf16 --output_dir runs/qwen-rm   # add --fsdp to shard
 """
 # ----------------------------------------------------------------------------- imports
+import functools
 import math
 import os
 import time
@@ -84,6 +85,10 @@ class Args:
     """micro-batches per optimizer step (the loss is divided by this)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (0 = no clipping)"""
+    disable_dropout: bool = True
+    """turn off every dropout layer of the model, LoRA's included (TRL's RewardConfig default)"""
+    group_by_length: bool = False
+    """draw each step's pairs from pairs of similar length (HF's TrainingArguments): less padding, faster"""
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory (TRL's RewardConfig default); false is faster"""
     bf16: bool = False
@@ -101,7 +106,7 @@ class Args:
     lora_alpha: int = 32
     """LoRA alpha (the adapter's scale is alpha / r)"""
     lora_dropout: float = 0.05
-    """dropout on the LoRA path"""
+    """dropout on the LoRA path (0 under --disable_dropout, the default, as TRL)"""
     lora_target_modules: list[str] = field(default_factory=list)
     """modules to adapt, e.g. q_proj v_proj; none = peft's default for the architecture"""
     merge_adapter: bool = False
@@ -190,9 +195,14 @@ def train_batch(step, k):
     """Micro-batch k of optimizer step `step` on this rank: a fixed function of (seed, step), so resuming
     at a step sees exactly the data the uninterrupted run saw there."""
     epoch, i = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(args.seed + epoch))
     start = i * global_batch + (k * world_size + rank) * micro
-    return [train_rows[j] for j in order[start:start + micro].tolist()]
+    return [train_rows[j] for j in epoch_order(epoch)[start:start + micro]]
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(epoch):
+    lengths = [max(len(c), len(r)) for c, r, _ in train_rows]
+    return nr.epoch_order(lengths, args.seed + epoch, global_batch, args.group_by_length)
 
 
 def collate(rows):
@@ -217,6 +227,9 @@ model.config.pad_token_id = tokenizer.pad_token_id
 model.config.use_cache = False
 if args.use_peft:  # the score head stays fully trainable (peft's modules_to_save for SEQ_CLS, as TRL)
     model = nr.add_lora(model, args, "SEQ_CLS")
+for module in model.modules() if args.disable_dropout else ():  # as TRL: a reward is a deterministic function
+    if isinstance(module, torch.nn.Dropout):
+        module.p = 0.0
 if args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.to(device)

@@ -7,8 +7,8 @@ template text after the EOS (ChatML's "\n" after <|im_end|>) is never part of th
 """
 from .config import (InputError, apply_defaults, check_flags, clean_errors, given_flags, parse_args, parse_schedule,
                      usage_error)
-from .data import (MissingSplit, encode, held_out, keep_end, load_rows, pad, preference_pairs, prompts_of, render,
-                   tokenize_pairs, tokenize_prompts)
+from .data import (MissingSplit, encode, epoch_order, held_out, keep_end, load_rows, pad, preference_pairs, prompts_of,
+                   render, tokenize_pairs, tokenize_prompts)
 from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dict, global_mean_var, global_whiten,
                    init_distributed, is_main, load_checkpoint, load_full_state_dict, load_hf, load_tokenizer, print0,
                    rng_state, save_checkpoint, save_hf, set_rng_state, transformer_blocks)

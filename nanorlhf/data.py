@@ -227,6 +227,20 @@ def tokenize_prompts(tokenizer, prompts, max_prompt_length):
     return kept, len(rows) - len(kept)
 
 
+def epoch_order(lengths, seed, global_batch, group_by_length=False):
+    """One epoch's permutation of the rows, a fixed function of seed. group_by_length (HF's TrainingArguments):
+    chunks of 50 global batches sorted by length, their batches in random order, so a batch pads little; the
+    epoch's last partial batch (dropped) stays out of the sorting."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    size, end = 50 * global_batch, len(lengths) // global_batch * global_batch
+    for c in range(0, end, size) if group_by_length else ():
+        chunk = sorted(order[c:min(c + size, end)], key=lambda j: -lengths[j])
+        batches = torch.randperm(len(chunk) // global_batch, generator=g).tolist()
+        order[c:c + len(chunk)] = [j for b in batches for j in chunk[b * global_batch:(b + 1) * global_batch]]
+    return order
+
+
 def pad(seqs, pad_id, side="left"):
     """List of id lists -> (ids, mask) (N, L) long tensors padded on `side`."""
     L = max(len(s) for s in seqs)

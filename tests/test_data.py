@@ -4,9 +4,10 @@ import json
 import os
 
 import pytest
+import torch
 
-from nanorlhf import (InputError, MissingSplit, encode, held_out, load_rows, pad, preference_pairs, prompts_of,
-                      tokenize_pairs, tokenize_prompts)
+from nanorlhf import (InputError, MissingSplit, encode, epoch_order, held_out, load_rows, pad, preference_pairs,
+                      prompts_of, tokenize_pairs, tokenize_prompts)
 
 U = lambda s: [{"role": "user", "content": s}]  # noqa: E731
 A = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
@@ -137,3 +138,20 @@ def test_real_hh_rlhf_transcripts(tokenizer):
     assert all(p["prompt"].endswith("\n\nAssistant:") and p["prompt"].startswith("\n\nHuman:") for p in pairs)
     p_ids, c_ids = encode(tokenizer, pairs[0]["prompt"], pairs[0]["chosen"])
     assert c_ids[-1] == tokenizer.eos_token_id
+
+
+def test_epoch_order_groups_by_length():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6]  # 9 rows, batches of 2: 4 batches, one row dropped
+    plain = epoch_order(lengths, seed=3, global_batch=2)
+    assert plain == torch.randperm(9, generator=torch.Generator().manual_seed(3)).tolist()  # the order without it
+    grouped = epoch_order(lengths, seed=3, global_batch=2, group_by_length=True)
+    assert sorted(grouped) == list(range(9)) and grouped[8] == plain[8]  # a permutation; the dropped row stays out
+    kept = sorted((lengths[j] for j in plain[:8]), reverse=True)  # by hand: neighbours in length share a batch
+    batches = [sorted(lengths[j] for j in grouped[b:b + 2]) for b in range(0, 8, 2)]
+    assert sorted(batches) == sorted(sorted(kept[b:b + 2]) for b in range(0, 8, 2))
+    assert grouped == epoch_order(lengths, seed=3, global_batch=2, group_by_length=True)  # a function of the seed
+    assert {tuple(epoch_order(lengths, s, 2, True)[:2]) for s in range(8)} != {tuple(grouped[:2])}  # batches shuffled
+    long = list(range(300))  # chunks of 50 global batches: sorted within a chunk, never across chunks
+    order = epoch_order(long, seed=0, global_batch=2, group_by_length=True)
+    first = torch.randperm(300, generator=torch.Generator().manual_seed(0)).tolist()[:100]
+    assert sorted(order[:100]) == sorted(first)

@@ -4,7 +4,8 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizerFast,
+                          LlamaConfig, LlamaForSequenceClassification)
 
 from nanorlhf import bradley_terry_loss, pad, reward_model_scores
 from scripts import fails, kill_after, metrics, run, weights
@@ -54,7 +55,8 @@ def test_one_forward_equals_two_forwards():
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(world_root, tmp_path):
-    common = ["--max_steps", 40, "--save_steps", 4, *FAST, "--logging_steps", 3]  # a log window spans a checkpoint
+    common = ["--max_steps", 40, "--save_steps", 4, *FAST, "--logging_steps", 3,  # a log window spans a checkpoint
+              "--group_by_length"]  # and the length-grouped order is a function of the step
     run(SCRIPT, "--output_dir", tmp_path / "full", *common)
     kill_after(SCRIPT, *common, output_dir=tmp_path / "cut", checkpoint="checkpoint-00000008")
     assert not os.path.exists(tmp_path / "cut" / "model.safetensors")
@@ -93,8 +95,32 @@ def test_margin_raises_the_loss(world_root, tmp_path):
     assert margin == pytest.approx(plain + 5 - 0.69, abs=0.1)
 
 
+def test_dropout_is_off_unless_asked(tmp_path):
+    # a BERT with dropout 0.5, learning rate 0, one batch of all 8 pairs: the train loss is the eval loss of the
+    # same pairs exactly when dropout is off (TRL's default), and not with --disable_dropout false
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] happy gloomy cat tree good bad joy".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, num_labels=1,
+                                             hidden_dropout_prob=0.5)).save_pretrained(tmp_path / "bert")
+    pairs = [{"prompt": f"{a} {b}", "chosen": "good joy", "rejected": "bad"}
+             for a in ("happy", "gloomy") for b in ("cat", "tree", "joy", "bad")]
+    for split in ("train", "test"):
+        _bad(tmp_path, pairs, f"pairs/{split}.jsonl")
+    for flag, equal in (([], True), (["--disable_dropout", "false"], False)):
+        out = tmp_path / f"o{len(flag)}"
+        run(SCRIPT, "--model_name_or_path", tmp_path / "bert", "--dataset_name", tmp_path / "pairs", "--output_dir",
+            out, "--max_steps", 1, "--learning_rate", 0, "--per_device_train_batch_size", 8,
+            "--per_device_eval_batch_size", 8, "--gradient_checkpointing", "false", "--max_length", 16, *flag)
+        train, ev = metrics(out)[0]["loss"], metrics(out)[1]["eval/loss"]
+        assert (abs(train - ev) < 1e-6) == equal, (train, ev)
+
+
 def _bad(tmp_path, rows, name="bad.jsonl"):
     path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return path
