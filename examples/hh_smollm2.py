@@ -57,7 +57,8 @@ def messages(pair):
     turns = re.split(r"\n\n(Human|Assistant): ?", "\n\n" + pair["prompt"].strip() + " ")[1:]
     prompt = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
               for who, text in zip(turns[::2], turns[1::2])][:-1]  # the last is the empty "Assistant:" to answer
-    return {"prompt": prompt, **{k: [{"role": "assistant", "content": pair[k].strip()}] for k in ("chosen", "rejected")}}
+    answer = lambda text: [{"role": "assistant", "content": text.strip()}]  # noqa: E731
+    return {"prompt": prompt, "chosen": answer(pair["chosen"]), "rejected": answer(pair["rejected"])}
 
 
 def split(data, out, judge):
@@ -112,6 +113,40 @@ def accuracy(run):
     return f"{a:.3f} [{a - h:.3f}, {a + h:.3f}] on {n:.0f} pairs"
 
 
+def report(out, method, judge, counts, times):
+    """OUT/report.md from the stages' outputs: accuracies, both evaluations, wall times, three sample pairs."""
+    ev, rows = {}, {}
+    for name in ("rm", "judge"):
+        with open(os.path.join(out, f"eval_{name}", "eval.json")) as f:
+            ev[name] = json.load(f)["results"][0]
+        with open(os.path.join(out, f"eval_{name}", "eval_samples.jsonl")) as f:
+            rows[name] = [json.loads(line) for line in f]
+    lines = [f"# {method.upper()} on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
+             (f"pairs: {counts['a']} (reward model) / {counts['b']} (judge)" if judge == "half" else
+              f"pairs: {counts['a'] + counts['b']} (reward model and judge, seeds 42 and 7)")
+             + f" / {counts['test']} held-out; "
+             f"held-out pairwise accuracy: reward model {accuracy(os.path.join(out, 'rm'))}, judge "
+             f"{accuracy(os.path.join(out, 'judge'))}\n",
+             "| judge | win rate vs initial [95% CI] | score (initial) [95% CI] | KL k1 / k3 | length (initial) | "
+             "EOS rate (initial) | win rate where both answers end (prompts) |", "|---|---|---|---|---|---|---|"]
+    for name, label in (("rm", "training reward model"), ("judge", "independent judge (never optimized)")):
+        r, ended = ev[name], [s["outcome"] for s in rows[name] if s["eos"] and s["baseline_eos"]]
+        lines.append(f"| {label} | {r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | "
+                     f"{r['score']:.3f} ({r['baseline_score']:.3f}) [{r['score_ci'][0]:.3f}, {r['score_ci'][1]:.3f}]"
+                     f" | {r['kl_k1']:.2f} / {r['kl_k3']:.2f} | {r['length']:.1f} ({r['baseline_length']:.1f}) | "
+                     f"{r['eos']:.2f} ({r['baseline_eos']:.2f}) | "
+                     + (f"{sum(ended) / len(ended):.3f} ({len(ended)}) |" if ended else "- |"))
+    lines += ["", "| stage | wall time |", "|---|---|"] + [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
+    lines.append(f"| total | {sum(times.values()) / 60:.1f} min |\n")
+    for s in rows["judge"][:3]:
+        lines += [f"**Prompt** (judge: {s['score']:.2f} trained vs {s['baseline_score']:.2f} initial): "
+                  f"{s['prompt'][-300:]!r}", f"- initial: {s['baseline_completion']!r}",
+                  f"- trained: {s['completion']!r}", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=HH, help="hh-rlhf pairs: a file, folder or hub name (split 'train')")
@@ -152,34 +187,7 @@ def main():
         "--dataset_name", data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64,
         "--max_prompt_length", 256, "--output_dir", os.path.join(out, f"eval_{name}")], log(f"eval_{name}"))
         for name in ("rm", "judge")])
-    ev = {}
-    for name in ("rm", "judge"):
-        with open(os.path.join(out, f"eval_{name}", "eval.json")) as f:
-            ev[name] = json.load(f)["results"][0]
-    with open(os.path.join(out, "eval_judge", "eval_samples.jsonl")) as f:
-        samples = [json.loads(line) for line in f][:3]
-    lines = [f"# {a.method.upper()} on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
-             (f"pairs: {counts['a']} (reward model) / {counts['b']} (judge)" if a.judge == "half" else
-              f"pairs: {counts['a'] + counts['b']} (reward model and judge, seeds 42 and 7)")
-             + f" / {counts['test']} held-out; "
-             f"held-out pairwise accuracy: reward model {accuracy(os.path.join(out, 'rm'))}, judge "
-             f"{accuracy(os.path.join(out, 'judge'))}\n",
-             "| judge | win rate vs initial [95% CI] | score (initial) [95% CI] | KL k1 / k3 | length (initial) |",
-             "|---|---|---|---|---|"]
-    for name, label in (("rm", "training reward model"), ("judge", "independent judge (never optimized)")):
-        r = ev[name]
-        lines.append(f"| {label} | {r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | "
-                     f"{r['score']:.3f} ({r['baseline_score']:.3f}) [{r['score_ci'][0]:.3f}, {r['score_ci'][1]:.3f}]"
-                     f" | {r['kl_k1']:.2f} / {r['kl_k3']:.2f} | {r['length']:.1f} ({r['baseline_length']:.1f}) |")
-    lines += ["", "| stage | wall time |", "|---|---|"] + [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
-    lines.append(f"| total | {sum(times.values()) / 60:.1f} min |\n")
-    for s in samples:
-        lines += [f"**Prompt** (judge: {s['score']:.2f} trained vs {s['baseline_score']:.2f} initial): "
-                  f"{s['prompt'][-300:]!r}", f"- initial: {s['baseline_completion']!r}",
-                  f"- trained: {s['completion']!r}", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report(out, a.method, a.judge, counts, times)
 
 
 if __name__ == "__main__":
