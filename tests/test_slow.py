@@ -84,4 +84,5 @@ def test_hh_smollm2_pipeline_at_a_tiny_budget(tmp_path):
     for judge in ("rm", "judge"):
         (res,) = json.loads((out / f"eval_{judge}" / "eval.json").read_text())["results"]
         assert all(math.isfinite(res[k]) for k in ("win_rate", "score", "baseline_score", "kl_k1", "length"))
-    assert "independent judge" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "independent judge" in text and "win rate where both answers end" in text and "| total |" in text
