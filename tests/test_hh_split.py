@@ -9,7 +9,6 @@ import pytest
 from scripts import ROOT
 
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
-pytestmark = pytest.mark.skipif(not os.path.exists(HH), reason="needs ../shared hh-rlhf data")
 
 
 def _example():
@@ -24,6 +23,7 @@ def _rows(out, folder, split):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.skipif(not os.path.exists(HH), reason="needs ../shared hh-rlhf data")
 @pytest.mark.parametrize("judge", ["seed", "half"])
 def test_split(tmp_path, judge):
     hh = _example()
