@@ -276,9 +276,7 @@ if not hasattr(value, "score") or value.config.vocab_size != policy.config.vocab
     raise nr.InputError(f"value model {value_path or args.model_name_or_path}: must be a decoder sequence classifier "
                         f"(a per-token .score head) on the policy's vocabulary of {policy.config.vocab_size} tokens")
 policy.config.pad_token_id = value.config.pad_token_id = tokenizer.pad_token_id
-for module in [*policy.modules(), *value.modules()]:  # as TRL: no dropout, old and new differ only by the update
-    if isinstance(module, torch.nn.Dropout):
-        module.p = 0.0
+nr.disable_dropout(policy, value)  # as TRL: no dropout, old and new differ only by the update
 for model in (policy, value):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

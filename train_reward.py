@@ -227,9 +227,8 @@ model.config.pad_token_id = tokenizer.pad_token_id
 model.config.use_cache = False
 if args.use_peft:  # the score head stays fully trainable (peft's modules_to_save for SEQ_CLS, as TRL)
     model = nr.add_lora(model, args, "SEQ_CLS")
-for module in model.modules() if args.disable_dropout else ():  # as TRL: a reward is a deterministic function
-    if isinstance(module, torch.nn.Dropout):
-        module.p = 0.0
+if args.disable_dropout:  # as TRL: a reward is a deterministic function
+    nr.disable_dropout(model)
 if args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.to(device)

@@ -248,9 +248,7 @@ def step_prompts(step):
 # ----------------------------------------------------------------------------- models
 policy, ref = nr.policy_and_reference(args, device, frozen_dtype)  # ref: a full frozen copy, or the LoRA base
 policy.config.pad_token_id = tokenizer.pad_token_id
-for module in policy.modules():  # as TRL: no dropout, so old and new log-probs differ only by the update
-    if isinstance(module, torch.nn.Dropout):
-        module.p = 0.0
+nr.disable_dropout(policy)  # as TRL: no dropout, so old and new log-probs differ only by the update
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 policy.to(device)

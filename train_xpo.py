@@ -230,9 +230,7 @@ def step_prompts(step, k):
 # ----------------------------------------------------------------------------- models
 policy, ref = nr.policy_and_reference(args, device, frozen_dtype)  # ref: a full frozen copy, or the LoRA base
 policy.config.pad_token_id = tokenizer.pad_token_id
-for module in policy.modules():  # no dropout: the samples' log-probs are those of the policy being trained
-    if isinstance(module, torch.nn.Dropout):
-        module.p = 0.0
+nr.disable_dropout(policy)  # no dropout: the samples' log-probs are those of the policy being trained
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 policy.to(device)

@@ -14,7 +14,7 @@ from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dic
                    rng_state, save_checkpoint, save_hf, set_rng_state, transformer_blocks)
 from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
                      value_loss, xpo_loss)
-from .models import AdapterOff, add_lora, policy_and_reference, save_adapter, save_policy
+from .models import AdapterOff, add_lora, disable_dropout, policy_and_reference, save_adapter, save_policy
 from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean,
                   position_ids_from_mask, prompt_forward, selective_log_softmax,
                   truncate_at_eos)

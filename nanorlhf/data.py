@@ -228,9 +228,8 @@ def tokenize_prompts(tokenizer, prompts, max_prompt_length):
 
 
 def epoch_order(lengths, seed, global_batch, group_by_length=False):
-    """One epoch's permutation of the rows, a fixed function of seed. group_by_length (HF's TrainingArguments):
-    chunks of 50 global batches sorted by length, their batches in random order, so a batch pads little; the
-    epoch's last partial batch (dropped) stays out of the sorting."""
+    """One epoch's permutation of the rows, a fixed function of seed; group_by_length (HF's): chunks of 50 global
+    batches sorted by length, batches in random order (little padding), the dropped last partial batch left out."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=g).tolist()
     size, end = 50 * global_batch, len(lengths) // global_batch * global_batch

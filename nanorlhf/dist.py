@@ -159,8 +159,7 @@ def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
     for frozen models under GPU autocast. A dequantized GGUF checkpoint loses its quantized mark (HF would
     refuse to save it)."""
     _check_model_path(path, gguf_file)
-    adapter = _adapter_base(path)
-    if adapter:  # a LoRA adapter (train_*.py --use_peft): its base with the adapter merged in
+    if adapter := _adapter_base(path):  # a LoRA adapter (train_*.py --use_peft): its base with the adapter merged in
         from peft import PeftModel
         base, gguf = adapter
         if "SequenceClassification" in auto_class.__name__:

@@ -50,6 +50,12 @@ def add_lora(model, args, task_type):
     return get_peft_model(model, config)
 
 
+def disable_dropout(*models):
+    """Every dropout layer of the models off, LoRA's included (TRL's disable_dropout_in_model)."""
+    for module in (m for model in models for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+        module.p = 0.0
+
+
 class AdapterOff(torch.nn.Module):
     """The reference of a LoRA run: the policy's own base weights with the adapter disabled for each call, so no
     second copy of the model is held. Holds the peft model without registering it (no parameters of its own)."""

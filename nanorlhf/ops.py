@@ -110,8 +110,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperat
     T, base = completion_ids.shape[1], getattr(model, "module", model)
     mask = torch.cat([prompt_mask.bool(), torch.ones_like(completion_ids, dtype=torch.bool)], dim=1)
     checkpointing = base.training and any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
-    # an FSDP2 model takes the cached path whether or not this rank's rows share prompts: every forward all-gathers,
-    # so all ranks must run the same number of them (one rank with a repeated prompt once ran 2, the others 1)
+    # FSDP2: every forward all-gathers, so every rank takes the cached path, whether or not its rows share prompts
     if (shares_prompts(prompt_ids, prompt_mask) or isinstance(model, FSDPModule)) and not checkpointing:
         logits, cache = prompt_forward(model, prompt_ids, prompt_mask, logits_to_keep=1)  # predicts y_1
         if T > 1:
