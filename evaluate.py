@@ -2,12 +2,19 @@
 intervals against a baseline, and the pictures: learning curves and the reward-KL frontier.
 
 Each model and its baseline (by default the model it was trained from, read from its args.json) complete the
-same held-out prompts num_samples times with the same per-(prompt, sample) seeds; a judge (a reward model,
-a reward function, a pairwise preference function, or the built-in world's gold reward) scores both, and per
+same held-out prompts num_samples times, each from its own seeds: the model's sample j of prompt i from
+seed (seed, i, j), the baseline's from (seed + ":baseline", i, j). The two completions are independent, as
+the win rate P(s(y) > s(y')) + P(tie)/2 is defined (and as TRL's WinRateCallback generated them); with
+shared seeds the sampler's one uniform per token would couple them and bias it. A judge (a reward model, a
+reward function, a pairwise preference function, or the built-in world's gold reward) scores both, and per
 pair the model wins (1), ties (1/2) or loses (0); a preference function gives P(model beats baseline) itself.
-A prompt's samples are averaged first; intervals are mean -+ 1.96 sd / sqrt(n) over the n prompts (sd with
-ddof 1), win rates clipped to [0, 1]. KL to the baseline on the model's own samples: k1 = S(l - lbase),
+A prompt's samples are averaged first, so prompts are the units (paired by prompt). The win rate's 95%
+interval is Wilson's over the n prompts (it holds near 0 and 1 and never has zero width); scores and the
+mean score difference (model - baseline, on the same independent samples, paired by prompt) have
+mean -+ 1.96 sd / sqrt(n) (sd with ddof 1). KL to the baseline on the model's own samples: k1 = S(l - lbase),
 k3 = S(exp(lbase - l) - 1 - (lbase - l)), the KL the run was charged when the baseline is its reference.
+All of it is deterministic: two evaluations of the same folders agree exactly, on any number of processes.
+The statistics, worked by hand: docs/methods.md.
 
 Launch:
     python evaluate.py --model_name_or_path runs/rloo runs/ppo          # built-in world: the gold reward judges
@@ -64,7 +71,7 @@ class Args:
     local_rollout_forward_batch_size: int = 64
     """rows per generation / scoring forward pass"""
     seed: int = 42
-    """seed of every sample: the same prompts and randomness for every model and its baseline"""
+    """seed of every sample (the baselines' salted with ':baseline'): every model sees the same randomness"""
     bf16: bool = False
     """bf16 autocast (GPU only)"""
     output_dir: str = "runs/eval"
@@ -197,6 +204,7 @@ if not rows:
 prompts, prompt_ids = [prompts[i] for i, _ in rows], [ids for _, ids in rows]
 mine = [(i, j) for i in range(rank, len(prompt_ids), world_size) for j in range(args.num_samples)]  # this rank's rows
 seeds = [nr.rollout_seeds(args.seed, [i], j)[0] for i, j in mine]
+base_seeds = [nr.rollout_seeds(f"{args.seed}:baseline", [i], j)[0] for i, j in mine]  # independent of `seeds`
 nr.print0(f"{len(prompt_ids)} prompts x {args.num_samples} samples ({dropped} dropped > max_prompt_length), "
           f"{args.max_new_tokens} new tokens at temperature {args.temperature}, over {world_size} processes")
 
@@ -230,7 +238,7 @@ def rollouts(model):
                        eos_token_id=[tokenizer.eos_token_id] if args.stop_token == "eos" else [])
 
 
-def samples(rl):
+def samples(rl, seeds):
     """(ids, mask, tokens, cmask, completion texts, scores or None) of this rank's rows, sampled by Rollouts rl."""
     ids, mask, tokens, cmask = rl.sample([prompt_ids[i] for i, _ in mine], seeds)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -268,11 +276,11 @@ for path in args.model_name_or_path:
     base_path, base_gguf, is_ref = baselines[path]
     if (base_path, base_gguf) not in loaded:
         base = load_policy(base_path, base_gguf)
-        loaded[(base_path, base_gguf)] = (base, samples(rollouts(base)))
+        loaded[(base_path, base_gguf)] = (base, samples(rollouts(base), base_seeds))
     base, (_, _, b_tokens, b_cmask, b_texts, b_scores) = loaded[(base_path, base_gguf)]
     model = load_policy(path, baseline=(base_path, base))
     rl = rollouts(model)
-    ids, mask, tokens, cmask, texts, scores = samples(rl)
+    ids, mask, tokens, cmask, texts, scores = samples(rl, seeds)
     kl = nr.kl_estimators(rl.logprobs(model, ids, mask, tokens, cmask), rl.logprobs(base, ids, mask, tokens, cmask),
                           cmask)
     p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -292,11 +300,14 @@ for path in args.model_name_or_path:
         "completion": texts[n], "baseline_completion": b_texts[n]} for n, (i, j) in enumerate(mine)])
     r = {"model": path, "baseline": base_path, "baseline_is_reference": is_ref, "judge": judge,
          "prompts": len(prompt_ids), "samples_per_prompt": args.num_samples}
-    win, lo, hi = nr.mean_interval(per_prompt(records, "outcome"))
-    r.update(win_rate=win, win_rate_ci=[max(lo, 0.0), min(hi, 1.0)])
-    for key in ("score", "baseline_score") if scores is not None else ():
-        m, lo, hi = nr.mean_interval(per_prompt(records, key))
-        r.update({key: m, key + "_ci": [lo, hi]})
+    win, lo, hi = nr.win_rate_interval(per_prompt(records, "outcome"))
+    r.update(win_rate=win, win_rate_ci=[lo, hi])
+    if scores is not None:
+        for rec in records:
+            rec["score_diff"] = rec["score"] - rec["baseline_score"]
+        for key in ("score", "baseline_score", "score_diff"):
+            m, lo, hi = nr.mean_interval(per_prompt(records, key))
+            r.update({key: m, key + "_ci": None if len(prompt_ids) < 2 else [lo, hi]})  # one prompt: no interval
     for key in ("kl_k1", "kl_k3", "length", "baseline_length", "eos", "baseline_eos"):
         r[key] = sum(per_prompt(records, key)) / len(prompt_ids)
     results.append(r)
@@ -307,12 +318,13 @@ for path in args.model_name_or_path:
 
 # ----------------------------------------------------------------------------- save
 fmt = lambda v, ci=None: "-" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")  # noqa
-table = ["| model | win rate [95% CI] | score [95% CI] | baseline score [95% CI] | KL k1 / k3 | length (baseline) | "
-         "EOS rate (baseline) |", "|---|---|---|---|---|---|---|"]
+table = ["| model | win rate [95% CI] | score [95% CI] | baseline score [95% CI] | score - baseline [95% CI] | "
+         "KL k1 / k3 | length (baseline) | EOS rate (baseline) |", "|---|---|---|---|---|---|---|---|"]
 for r in results:
     kl_note = "" if r["baseline_is_reference"] else " (to baseline)"
     table.append(f"| {r['model']} | {fmt(r['win_rate'], r['win_rate_ci'])} | {fmt(r.get('score'), r.get('score_ci'))} "
-                 f"| {fmt(r.get('baseline_score'), r.get('baseline_score_ci'))} | {r['kl_k1']:.3f} / {r['kl_k3']:.3f}"
+                 f"| {fmt(r.get('baseline_score'), r.get('baseline_score_ci'))} "
+                 f"| {fmt(r.get('score_diff'), r.get('score_diff_ci'))} | {r['kl_k1']:.3f} / {r['kl_k3']:.3f}"
                  f"{kl_note} | {r['length']:.1f} ({r['baseline_length']:.1f}) | {r['eos']:.2f} "
                  f"({r['baseline_eos']:.2f}) |")
 header = (f"judge: {judge}; {len(prompt_ids)} prompts of {args.dataset_name} [{args.dataset_test_split}] x "

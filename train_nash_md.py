@@ -7,11 +7,12 @@ l, lref the policy's and reference's per-token log-probs of y:
     L = mean_x [ beta * sum_t sg(l_t - lref_t) l_t  -  (P - 1/2) * S(l) ]
 a policy gradient towards the Nash equilibrium of the preference game, regularized towards pi_ref.
 
-Deviations from TRL: y' is sampled with one KV cache per model (TRL recomputed the whole prefix each
-token); log-probs at the sampling temperature (TRL used temperature 1); missing_eos_penalty looks at
-the completion only (TRL looked at prompt + completion, so it never fired with chat templates);
-beta and mixture_coef take a linear schedule "start:end" over training (TRL's per-epoch lists crashed
-on fractional epochs); metrics are masked to completion tokens. As TRL: weights float32 whatever the
+Deviations from TRL (reasons: docs/methods.md): y' is sampled with one KV cache per model (TRL recomputed the
+whole prefix each token); log-probs at the sampling temperature (TRL used temperature 1); missing_eos_penalty
+looks at the completion only (TRL looked at prompt + completion, so it never fired with chat templates); beta
+and mixture_coef take a linear schedule "start:end" over training (TRL's per-epoch lists crashed on fractional
+epochs); metrics are masked to completion tokens. As TRL: the preference P = sigmoid(s(y) - s(y')) from a reward
+model; warmup ceil(warmup_ratio x steps) steps; weights float32 whatever the
 checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at 1.0; logps/rejected is the
 reference's log-prob of y, rewards/margins = S(l) - S(lref), rewards/accuracies = mean[margin > 0].
 
@@ -243,8 +244,8 @@ sampler = policy if args.fsdp else getattr(policy, "module", policy)
 optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],  # LoRA: the adapter only
                               lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
-scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
-                          num_training_steps=total_steps)
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,  # warmup: ceil, as HF
+                          num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
 
 
 # ----------------------------------------------------------------------------- helpers

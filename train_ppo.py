@@ -7,20 +7,22 @@ the reference's per-token log-probs, V_t = V(x, y_<t) the value model's reading 
     A whitened over the completion tokens of all ranks
     L = masked_mean max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = exp(l_t - l_old,t)
       + vf_coef * 1/2 masked_mean max((V - G)^2, (clip(V, V_old -+ cliprange_value) - G)^2)
-for num_ppo_epochs x num_mini_batches updates of policy and value model together (one AdamW). With 1 epoch,
-1 mini-batch and 1 micro-batch, l_old and V_old come from the update's own forwards, detached (two forwards
-per step fewer; ratio exactly 1, the value clip idle).
+for num_ppo_epochs x num_mini_batches updates of policy and value model together (one AdamW). With 1 epoch and
+1 micro-batch, l_old and V_old are the update's own forwards, detached (ratio 1, two forwards per step fewer).
 
-Deviations from TRL: the score is added at the completion's last real token, its EOS (TRL added it one
-position later, on the first padding token, #1893 / #3750, where the value model also read padding); log-probs
-of policy, old policy and reference come from one function at the sampling temperature; masks are boolean (no
-INVALID_LOGPROB = 1.0) and every mean is over completion tokens; missing_eos_penalty looks at the completion
-only; advantage and reward whitening use the statistics of all ranks; the loss is a mean over the tokens of a
-whole mini-batch, all its micro-batches and ranks (TRL: per micro-batch, then over them; the same with one
-micro-batch on one process), so neither accumulation nor the number of processes changes the update; rollouts
-depend on (seed, prompt) only; gradients (policy and value model together) are clipped at max_grad_norm 1.0
-(TRL v0.21's PPO loop ignored max_grad_norm; pass 0 to match it); the value model is saved too (value_model/).
-As TRL: trained weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8 and weight_decay 0.
+Deviations from TRL v0.21 (each with its reason in docs/methods.md): the score goes on the completion's last real
+token, its EOS, which is trained and charged its KL like any token (TRL: with pad != eos one position later, on
+padding, #1893 / #3750; with pad == eos on the EOS, left out of loss, KL and whitening); stop_token None trains all
+response_length tokens whatever the pad token (TRL still ends a trajectory at its first pad: the first EOS when
+pad == eos); each mini-batch is one optimizer step (TRL's accelerate steps every gradient_accumulation_steps
+micro-batches across mini-batch boundaries); log-probs of policy, old policy and reference at the sampling
+temperature from one function; boolean masks (no INVALID_LOGPROB), means over completion tokens; whitening over
+all ranks; the loss a mean over a whole mini-batch's tokens on all ranks (TRL: per micro-batch, then averaged);
+rollouts depend on (seed, prompt) only; gradients clipped at max_grad_norm 1.0 (TRL's loop ignored it: pass 0);
+val/num_eos_tokens counts EOS inside the completions of all ranks (TRL: raw EOS ids on one rank, padding
+included when pad == eos); the value model is saved (value_model/). As TRL: a step holds per_device_train_batch_size
+x gradient_accumulation_steps completions per process in num_mini_batches mini-batches; the rate moves once per
+step, ceil(warmup_ratio x steps) warmup steps; missing_eos_penalty reads the completion; float32 weights; AdamW.
 
 Launch:
     python train_ppo.py                                      # built-in world, gold reward, 1 process
@@ -97,11 +99,11 @@ class Args:
     num_ppo_epochs: int = 4
     """passes over each rollout batch"""
     num_mini_batches: int = 1
-    """optimizer steps per PPO epoch"""
+    """optimizer steps per PPO epoch: a step's rollouts split into this many mini-batches (as TRL's PPO)"""
     per_device_train_batch_size: int = 8
     """completions per process per micro-batch"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per mini-batch"""
+    """micro-batches per step and process (TRL's PPO: local batch = per_device x this), num_mini_batches per update"""
     local_rollout_forward_batch_size: int = 64
     """rows per generation / scoring forward pass"""
     total_episodes: int = 0
@@ -127,7 +129,7 @@ class Args:
     lr_scheduler_type: str = "linear"
     """linear, cosine or constant"""
     warmup_ratio: float = 0.0
-    """fraction of the updates spent warming up"""
+    """fraction of the steps (rollout batches) spent warming up, rounded up (TRL's)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm of policy and value model together (0 = off, as TRL v0.21's PPO loop)"""
     gradient_checkpointing: bool = False
@@ -202,9 +204,13 @@ if args.stop_token not in (None, "eos"):
     nr.usage_error(f"--stop_token must be 'eos' or none, got {args.stop_token!r}")
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
     nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
-# batch arithmetic (TRL's names): an episode is one completion, one per prompt
-local_mini_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # completions per update
-local_batch = local_mini_batch * args.num_mini_batches  # completions (= prompts) per rank per step
+# batch arithmetic (TRL v0.21 PPO's names; its RLOO differs: there a step holds num_mini_batches times more): an
+# episode is one completion, one per prompt; a step's rollouts per rank are split into num_mini_batches updates
+local_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # completions per rank per step
+if args.gradient_accumulation_steps % args.num_mini_batches:  # mini-batches of whole micro-batches
+    nr.usage_error(f"--num_mini_batches {args.num_mini_batches} must divide --gradient_accumulation_steps "
+                   f"{args.gradient_accumulation_steps} (a step's micro-batches per process are split into them)")
+local_mini_batch = local_batch // args.num_mini_batches  # completions per update
 batch_size = local_batch * world_size  # completions per step
 use_bf16 = args.bf16 and device.type == "cuda"
 frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
@@ -236,8 +242,8 @@ except nr.MissingSplit as e:
     eval_prompts, eval_ids = [], []
 total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_ids))
 total_steps = math.ceil(total_episodes / batch_size)
-nr.print0(f"batch: {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
-          f"{args.num_mini_batches} mini-batches = {local_batch} prompts and completions/process; x {world_size} "
+nr.print0(f"batch: {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation = "
+          f"{local_batch} prompts and completions/process in {args.num_mini_batches} mini-batches; x {world_size} "
           f"processes = {batch_size} completions/step; {total_episodes} episodes = {total_steps} steps of "
           f"{args.num_ppo_epochs} PPO epochs")
 
@@ -300,9 +306,10 @@ groups = [{"params": [p for p in policy.parameters() if p.requires_grad]},
 trained = [p for g in groups for p in g["params"]]  # clipped together, as one model
 optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
-updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
-scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * updates),
-                          num_training_steps=updates)
+# as TRL: the schedule runs over steps (rollout batches) and moves once per step, so every update of a step's
+# epochs and mini-batches uses one rate; ceil(warmup_ratio x steps) warmup steps
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                          num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -335,13 +342,11 @@ def sync_gradients(stack, last):
             stack.enter_context(model.no_sync())
 
 
-
-
 # ----------------------------------------------------------------------------- loop
 start_step = nr.load_training_state(args.output_dir, both, optimizer, scheduler) if args.resume else 0
 nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
-micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps // args.num_mini_batches
 on_policy = args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and accum == 1
 table_every = max(1, total_steps // args.num_sample_generations) if args.num_sample_generations else 0
 if eval_ids and start_step == 0:
@@ -398,10 +403,10 @@ for step in range(start_step, total_steps):
                     stats[key].append(v.item())
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm or float("inf"))
             nr.check_finite(step + 1, loss=stats["pg"][-1] + stats["vf"][-1], grad_norm=grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this update uses
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]  # the rate this step's updates used
+    scheduler.step()
     bar.update(1)
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
         ratio_mean, ratio_var = nr.global_mean_var(torch.tensor(stats["ratio"]))  # over micro-batches and ranks

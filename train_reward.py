@@ -5,8 +5,8 @@ A sequence classifier with one output r(x, y) is fit to preference pairs (x, y_c
 with an optional per-pair margin m_i and reward centering c (Eisenstein et al. 2023).
 Chosen and rejected go through one forward pass; r is read at the last real token.
 
-Deviations from TRL: the margin has shape (B,) (TRL v0.13-v0.23 broadcast it to (B, B)); the
-score is read at the last token found from the attention mask (HF's pooling looks for the first
+Deviations from TRL (reasons: docs/methods.md): the margin has shape (B,) (TRL v0.13-v0.23 broadcast it to
+(B, B)); the score is read at the last token found from the attention mask (HF's pooling looks for the first
 pad id, wrong when pad == eos); the score is read at the completion's EOS, which ends the sequence
 (ChatML's "\n" after <|im_end|> is not part of it: the RL scripts score there too); a pair within
 max_length but beyond the model's positions (BERT: 512) keeps its end and is counted, where TRL
@@ -245,8 +245,8 @@ nr.print0(f"model: {type(getattr(model, 'module', model)).__name__}, "
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # LoRA: the adapter only
                               lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
-scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
-                          num_training_steps=total_steps)
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,  # warmup: ceil, as HF
+                          num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -9,14 +9,20 @@ for num_ppo_epochs x num_mini_batches updates. With 1 epoch and 1 mini-batch: RE
 leave-one-out baseline; with 1 micro-batch too, l_old is the update's own forward, detached (one policy
 forward per step fewer, ratio exactly 1, as TRL's GRPO).
 
-Deviations from TRL: log-probs of policy, old policy and reference all come from one function at
-the sampling temperature; masks are boolean (no INVALID_LOGPROB = 1.0, whose entropy metric went
-negative); missing_eos_penalty looks at the completion only; normalize_advantage uses statistics
-over all ranks; rollouts depend on (seed, prompt, sample) only, not on the number of processes;
-token_level_kl is accepted and is the same computation (R is summed over tokens either way);
-gradients are clipped at max_grad_norm 1.0 (TRL v0.21's RLOO loop ignored max_grad_norm; pass 0 to match
-it); val/ratio averages the token ratio over completion tokens only (TRL counted padding as ratio 1).
-As TRL: trained weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8 and weight_decay 0.
+Deviations from TRL v0.21 (reasons in docs/methods.md): log-probs of policy, old policy and reference all from
+one function at the sampling temperature; masks are boolean (no INVALID_LOGPROB = 1.0, whose entropy metric went
+negative); a completion ends at its first EOS inclusive, whatever the pad token: the EOS's log-prob is in the
+sums and the reward model reads the EOS (TRL finds the end from the first pad: with pad == eos it leaves the EOS
+out and reads the token before it), and stop_token None keeps all response_length tokens (TRL: still cut at the
+first EOS when pad == eos); normalize_advantage uses statistics over all ranks; rollouts depend on (seed,
+prompt, sample) only, not on the number of processes; token_level_kl is accepted and is the same computation
+(R is summed over tokens either way); gradients are clipped at max_grad_norm 1.0 (TRL v0.21's RLOO loop ignored
+max_grad_norm; pass 0 to match it); val/ratio averages the token ratio over completion tokens only (TRL counted
+padding as ratio 1); val/num_eos_tokens counts EOS inside the completions of all ranks (TRL: raw EOS ids on one
+rank). As TRL: a step holds per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches
+completions per process (TRL's PPO differs), one update per mini-batch; the learning rate moves once per step,
+ceil(warmup_ratio x steps) warmup steps; missing_eos_penalty looks at the completion; trained weights float32
+whatever the checkpoint's dtype, AdamW eps 1e-8 and weight_decay 0.
 
 Launch:
     python train_rloo.py                                     # built-in world, gold reward, 1 process
@@ -114,7 +120,7 @@ class Args:
     lr_scheduler_type: str = "linear"
     """linear, cosine or constant"""
     warmup_ratio: float = 0.0
-    """fraction of the updates spent warming up"""
+    """fraction of the steps (rollout batches) spent warming up, rounded up (TRL's)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm (0 = off, as TRL v0.21's RLOO loop, which ignored it)"""
     gradient_checkpointing: bool = False
@@ -189,7 +195,8 @@ if args.stop_token not in (None, "eos"):
     nr.usage_error(f"--stop_token must be 'eos' or none, got {args.stop_token!r}")
 if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
     nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
-# batch arithmetic (TRL's names): an episode is one completion
+# batch arithmetic (TRL v0.21 RLOO's names; its PPO differs: local batch = micro x accumulation, split into
+# mini-batches): an episode is one completion; a step samples num_mini_batches mini-batches' worth
 local_mini_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps  # completions per update
 local_batch = local_mini_batch * args.num_mini_batches  # completions per rank per step
 batch_size = local_batch * world_size  # completions per step
@@ -270,9 +277,10 @@ sampler = policy if args.fsdp else getattr(policy, "module", policy)
 optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],  # LoRA: the adapter only
                               lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
-updates = total_steps * args.num_ppo_epochs * args.num_mini_batches
-scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * updates),
-                          num_training_steps=updates)
+# as TRL: the schedule runs over steps (rollout batches) and moves once per step, so every update of a step's
+# epochs and mini-batches uses one rate; ceil(warmup_ratio x steps) warmup steps
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,
+                          num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -349,10 +357,10 @@ for step in range(start_step, total_steps):
                 stats["ratio"].append(nr.masked_mean(torch.exp(new.detach().float() - old[rows]), cmask[rows]).item())
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
             nr.check_finite(step + 1, loss=stats["loss"][-1], grad_norm=grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this update uses
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]  # the rate this step's updates used
+    scheduler.step()
     bar.update(1)
     if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
         ratio_mean, ratio_var = nr.global_mean_var(torch.tensor(stats["ratio"]))  # over micro-batches and ranks

@@ -9,9 +9,9 @@ pushes exploration away from what pi_ref already covers (Xie et al. 2024, Alg. 1
 Online DPO (TRL's OnlineDPOTrainer) is the mode `--second_sample policy --alpha 0`: two policy samples,
 ordered by the reward, DPO loss.
 
-Deviations from TRL: `logps/chosen` / `logps/rejected` are the policy's log-probs only (TRL added the
-reference's in); log-probs at the sampling temperature; missing_eos_penalty looks at the completion
-only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds. As TRL:
+Deviations from TRL (reasons: docs/methods.md): `logps/chosen` / `logps/rejected` are the policy's log-probs
+only (TRL added the reference's in); log-probs at the sampling temperature; missing_eos_penalty looks at the
+completion only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds. As TRL:
 weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at
 1.0; objective/kl and objective/entropy average both samples; the online-DPO mode logs
 OnlineDPOTrainer's names (objective/scores, objective/scores_margin, objective/rlhf_reward, ...).
@@ -252,8 +252,8 @@ sampler = policy if args.fsdp else getattr(policy, "module", policy)
 optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],  # LoRA: the adapter only
                               lr=args.learning_rate, eps=args.adam_epsilon, weight_decay=args.weight_decay,
                               fused=True)  # one kernel, as TRL's adamw_torch_fused
-scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
-                          num_training_steps=total_steps)
+scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=total_steps,  # warmup: ceil, as HF
+                          num_warmup_steps=math.ceil(args.warmup_ratio * total_steps))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""The five methods' objectives as pure functions (equations: METHODS.md).
+"""The five methods' objectives as pure functions (equations and worked numbers: docs/methods.md).
 
 Sequence-level inputs are (B,) masked sums S(l) = sum_t mask_t l_t; Nash-MD and PPO take per-token (B, T).
 """

@@ -203,3 +203,17 @@ def mean_interval(values, z=1.96):
         raise ValueError("mean_interval of no values")
     half = z * x.std().item() / math.sqrt(len(x)) if len(x) > 1 else math.nan
     return x.mean().item(), x.mean().item() - half, x.mean().item() + half
+
+
+def win_rate_interval(outcomes, z=1.96):
+    """(win rate, low, high) of per-prompt outcomes in [0, 1] (N,): the Wilson score interval
+    (c -+ h) with d = 1 + z^2/N, c = (p + z^2/(2N)) / d, h = z/d * sqrt(p(1-p)/N + z^2/(4N^2)), p the mean.
+    p(1-p) bounds the variance of any [0, 1] outcome (ties, averaged samples), so ties make it wider, never
+    narrower; unlike mean -+ z sd/sqrt(N) it keeps its coverage near 0 and 1 and never has zero width."""
+    x = torch.as_tensor(outcomes, dtype=torch.float64).reshape(-1)
+    if not len(x):
+        raise ValueError("win_rate_interval of no outcomes")
+    n, p = len(x), x.mean().item()
+    d = 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z / d * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, max(c - h, 0.0), min(c + h, 1.0)  # clamped: rounding put 1 + 2e-16 above 1

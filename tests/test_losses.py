@@ -1,4 +1,4 @@
-"""Tier 1: hand-computed values of every loss (worked numbers from METHODS.md)."""
+"""Tier 1: hand-computed values of every loss (the worked numbers of docs/methods.md)."""
 import pytest
 import torch
 
@@ -95,7 +95,7 @@ def test_ppo_clip_token_level_masked_mean_over_rows():
     assert st["clipfrac"].item() == 0.0 and st["approxkl"].item() == 0.0
 
 
-# PPO worked example (METHODS.md): gamma 1, lam 0.95, V = [0.5, 0.4, 0.6], r = [0.0, -0.1, 1.2]
+# PPO worked example (docs/methods.md): gamma 1, lam 0.95, V = [0.5, 0.4, 0.6], r = [0.0, -0.1, 1.2]
 PPO_V, PPO_R = torch.tensor([[0.5, 0.4, 0.6]]), torch.tensor([[0.0, -0.1, 1.2]])
 
 
@@ -146,7 +146,7 @@ def test_value_loss_by_hand():
     assert clipfrac.item() == pytest.approx(1 / 3)
 
 
-# XPO / DPO worked example (METHODS.md): chosen_mask = [True, False]
+# XPO / DPO worked example (docs/methods.md): chosen_mask = [True, False]
 LY, LT = torch.tensor([-1.5, -0.9]), torch.tensor([-2.0, -1.0])       # policy on y (policy) and y~ (ref)
 RY, RT = torch.tensor([-1.9, -0.8]), torch.tensor([-1.8, -1.1])       # reference on y and y~
 CM = torch.tensor([True, False])

@@ -156,4 +156,32 @@ def test_win_rate_and_interval_by_hand():
     m, lo, hi = mean_interval(outcome)
     assert m == pytest.approx(0.8) and lo == pytest.approx(0.5833134) and hi == pytest.approx(1.0166866)
     assert math.isnan(mean_interval([0.3])[1])  # one prompt: no interval
-    assert mean_interval([0.5] * 4) == (0.5, 0.5, 0.5)  # identical outcomes: zero width
+    assert mean_interval([0.5] * 4) == (0.5, 0.5, 0.5)  # identical outcomes: zero width (why win rates use Wilson)
+
+
+def test_wilson_win_rate_interval_by_hand():
+    from nanorlhf import win_rate_interval
+    # the outcomes above: p = 0.8, n = 10, z^2 = 3.8416; d = 1 + 3.8416/10 = 1.38416;
+    # c = (0.8 + 3.8416/20) / d = 0.99208 / 1.38416 = 0.7167372;
+    # h = 1.96/d * sqrt(0.8 * 0.2/10 + 3.8416/400) = 1.4160213 * sqrt(0.025604) = 0.2265804 -> [0.4901568, 0.9433176]
+    m, lo, hi = win_rate_interval([1.0] * 7 + [0.5] * 2 + [0.0])
+    assert m == pytest.approx(0.8) and lo == pytest.approx(0.4901568, abs=1e-6) and hi == pytest.approx(0.9433190)
+    # every outcome a tie, n = 4: d = 1.9604, c = 0.5, h = 1.96/1.9604 * sqrt(0.0625 + 0.060025) = 0.3499643
+    assert win_rate_interval([0.5] * 4) == pytest.approx((0.5, 0.1500357, 0.8499643))  # never zero width
+    # every prompt won, n = 96: h = z^2/(2n d), so c - h = 1/d = 1/(1 + 3.8416/96) = 0.9615230; c + h = 1
+    assert win_rate_interval([1.0] * 96) == pytest.approx((1.0, 0.9615230, 1.0))
+
+
+@pytest.mark.parametrize("p", [0.6, 0.98])
+def test_win_rate_interval_covers_by_simulation(p):
+    """2,000 simulated evaluations of 96 prompts each (a win with probability p): the Wilson interval holds
+    the true win rate in 0.95 of them within 0.02 (simulation error ~0.005; Wilson's own coverage oscillates
+    with n and p by about 0.01). The Wald interval this replaced covered 0.84 at p = 0.98: checked too, so that
+    this test can tell a good interval from a bad one."""
+    from nanorlhf import mean_interval, win_rate_interval
+    g = torch.Generator().manual_seed(0)
+    wins = (torch.rand(2000, 96, generator=g, dtype=torch.float64) < p).double()
+    cover = sum(lo <= p <= hi for _, lo, hi in map(win_rate_interval, wins)) / 2000
+    assert abs(cover - 0.95) <= 0.02, cover
+    wald = sum(lo <= p <= hi for _, lo, hi in map(mean_interval, wins)) / 2000
+    assert (wald < 0.90) == (p == 0.98), wald

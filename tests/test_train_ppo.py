@@ -41,11 +41,28 @@ def _check(out, world_root, steps):
 @pytest.mark.parametrize("procs, extra", [(1, []), pytest.param(2, [], marks=pytest.mark.slow), (2, ["--fsdp"])],
                          ids=["1proc", "ddp", "fsdp"])
 def test_two_steps(world_root, tmp_path, procs, extra):
-    # 8 completions per step in 2 mini-batches: 4 x 1 process or 2 x 2 processes
+    # 8 completions per step (TRL's PPO: per_device x accumulation x processes) in 2 mini-batches of one
+    # micro-batch each: 4 x 2 x 1 process or 2 x 2 x 2 processes
     run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--num_ppo_epochs", 2, "--num_mini_batches", 2,
-        "--per_device_train_batch_size", 8 // 2 // procs, *extra, procs=procs)
+        "--per_device_train_batch_size", 4 // procs, "--gradient_accumulation_steps", 2, *extra, procs=procs)
     train = _check(str(tmp_path / "out"), world_root, 2)
     assert all(r["val/ratio"] != 1.0 for r in train)  # later updates see a changed policy
+
+
+def test_batch_and_lr_schedule_are_trls(world_root, tmp_path):
+    # TRL v0.21 PPO: a step holds per_device x accumulation completions per process (4 x 2 = 8), split into
+    # num_mini_batches updates (2 of 4); the scheduler runs over the 3 steps with ceil(0.4 x 3) = 2 warmup steps and
+    # moves once per step: linear rates 0/2 -> 0, 1/2 -> 5e-5, (3 - 2)/(3 - 2) -> 1e-4 (int(1.2) = 1: 0, 1e-4, 5e-5)
+    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--total_episodes", 24, "--num_ppo_epochs", 2,
+        "--num_mini_batches", 2, "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2,
+        "--learning_rate", 1e-4, "--warmup_ratio", 0.4)
+    train = [r for r in metrics(tmp_path / "out") if "val/ratio" in r]
+    assert [r["episode"] for r in train] == [8, 16, 24] and [r["lr"] for r in train] == pytest.approx([0, 5e-5, 1e-4])
+    # one rate for all 4 updates of a step: at rate 0 none moves policy or value model (ratio 1, value clip idle)
+    assert train[0]["val/ratio"] == 1.0 and train[0]["val/ratio_var"] == 0.0 and train[0]["val/clipfrac_avg"] == 0.0
+    assert train[1]["val/ratio"] != 1.0
+    err = _fails("--output_dir", tmp_path / "bad", *FAST, "--num_mini_batches", 2)
+    assert "--num_mini_batches 2 must divide --gradient_accumulation_steps 1" in err
 
 
 def test_first_update_has_ratio_one(world_root, tmp_path):

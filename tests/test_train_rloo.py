@@ -53,12 +53,25 @@ def test_one_epoch_one_mini_batch_is_reinforce(world_root, tmp_path):
 def test_ratio_metrics_and_lr_are_trls(world_root, tmp_path):
     # 2 PPO epochs of one micro-batch each: TRL's val/ratio is the mean of the micro-batches' token-ratio
     # means [1 (first epoch: the sampling policy itself), m], val/ratio_var their variance (ddof 1), so
-    # var = 2 (1 - val/ratio)^2; lr is the rate of the step's last update: 3e-4 x (1 - 1/2) of 2 updates
+    # var = 2 (1 - val/ratio)^2; lr is the step's rate (TRL: the schedule moves once per step): the first of 1
     run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--total_episodes", 8, "--num_ppo_epochs", 2)
     (r,) = [r for r in metrics(tmp_path / "out") if "val/ratio" in r]
     assert r["val/ratio"] != 1.0
     assert r["val/ratio_var"] == pytest.approx(2 * (1 - r["val/ratio"]) ** 2, rel=1e-4)
-    assert r["lr"] == pytest.approx(1.5e-4)
+    assert r["lr"] == pytest.approx(3e-4)
+
+
+def test_lr_schedule_is_trls_over_steps(world_root, tmp_path):
+    # TRL: the scheduler runs over steps (rollout batches), with ceil(warmup_ratio x steps) warmup steps, and moves
+    # once per step. 3 steps, warmup_ratio 0.4 -> ceil(1.2) = 2 warmup steps; linear: step 1: 0/2 -> 0,
+    # step 2: 1/2 -> 5e-5, step 3: (3 - 2)/(3 - 2) -> 1e-4 (int(1.2) = 1 would give 0, 1e-4, 5e-5)
+    run(SCRIPT, "--output_dir", tmp_path / "out", *FAST, "--total_episodes", 24, "--num_ppo_epochs", 2,
+        "--num_mini_batches", 2, "--per_device_train_batch_size", 4, "--learning_rate", 1e-4, "--warmup_ratio", 0.4)
+    train = [r for r in metrics(tmp_path / "out") if "val/ratio" in r]
+    assert [r["lr"] for r in train] == pytest.approx([0.0, 5e-5, 1e-4])
+    assert [r["episode"] for r in train] == [8, 16, 24]  # RLOO: 4 x 1 accumulation x 2 mini-batches per step
+    # the rate is the same for all 4 updates of a step: at rate 0 none of them moves the policy (ratio 1 in all)
+    assert train[0]["val/ratio"] == 1.0 and train[0]["val/ratio_var"] == 0.0 and train[1]["val/ratio"] != 1.0
 
 
 def test_one_and_two_processes_train_the_same(world_root, tmp_path):
