@@ -73,7 +73,7 @@ class Args:
     seed: int = 42
     """seed of every sample (the baselines' salted with ':baseline'): every model sees the same randomness"""
     bf16: bool = False
-    """bf16 autocast (GPU only)"""
+    """bf16 autocast over float32 weights (CPUs: slower)"""
     output_dir: str = "runs/eval"
     """where eval.json, eval.md and eval_samples.jsonl (or the plots) go"""
     plot: list[str] = field(default_factory=list)
@@ -174,8 +174,7 @@ if not judges:
         nr.usage_error("pass a judge: --reward_model_path, --reward_fn or --preference_fn (the gold reward exists "
                        "only for the built-in world)")
     args.reward_fn = "nanorlhf.world:gold_reward"
-use_bf16 = args.bf16 and device.type == "cuda"
-dtype = torch.bfloat16 if use_bf16 else torch.float32
+use_bf16 = args.bf16  # bf16 autocast over float32 weights, as the training scripts compute
 
 
 def baseline_of(path):
@@ -211,7 +210,7 @@ nr.print0(f"{len(prompt_ids)} prompts x {args.num_samples} samples ({dropped} dr
 # ----------------------------------------------------------------------------- models
 scorer = None
 if not args.preference_fn:
-    scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=dtype,
+    scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device,
                        batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 preference_fn = nr.load_function(args.preference_fn) if args.preference_fn else None
 judge = args.reward_model_path or args.reward_fn or args.preference_fn
@@ -220,7 +219,7 @@ loaded = {}  # baselines by (path, gguf): most models share one
 
 def load_policy(path, gguf=None, baseline=None):
     """A frozen causal LM; baseline: (path, model) of the baseline whose vocabulary it must share."""
-    model = nr.load_hf(AutoModelForCausalLM, path, gguf, dtype=dtype).eval().requires_grad_(False).to(device)
+    model = nr.load_hf(AutoModelForCausalLM, path, gguf).eval().requires_grad_(False).to(device)
     vocab = model.config.vocab_size
     if vocab < len(tokenizer):
         raise nr.InputError(f"{path}: vocabulary of {vocab} tokens, {args.model_name_or_path[0]}'s tokenizer has "

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -104,9 +103,9 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     bf16: bool = False
-    """bf16 autocast (GPU only)"""
+    """bf16 compute from float32 weights: autocast, or FSDP2's MixedPrecisionPolicy with --fsdp (CPUs: slower)"""
     fsdp: bool = False
-    """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    """shard with FSDP2 instead of DDP: the policy, the reference and the reward model (frozen: 1/N per rank)"""
     sharded_generation: bool = False
     """with --fsdp, sample from the sharded policy, all-gathering each block at every token (for a policy too big
     to hold whole on one device; default: gathered once per rollout)"""
@@ -174,10 +173,7 @@ if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
     nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
 micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
 batch_size = micro * accum * world_size  # prompts per optimizer step
-use_bf16 = args.bf16 and device.type == "cuda"
-frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
-if args.bf16 and not use_bf16:
-    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+use_bf16 = args.bf16  # bf16 compute from float32 weights (autocast; FSDP2's MixedPrecisionPolicy under --fsdp)
 torch.manual_seed(args.seed)
 replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
 
@@ -218,24 +214,24 @@ def step_prompts(step, k):
 
 
 # ----------------------------------------------------------------------------- models
-policy, ref = nr.policy_and_reference(args, device, frozen_dtype)  # ref: a full frozen copy, or the LoRA base
+policy, ref = nr.policy_and_reference(args, device)  # ref: frozen, float32, sharded with --fsdp; or the LoRA base
 policy.config.pad_token_id = tokenizer.pad_token_id
 nr.disable_dropout(policy)  # no dropout: the samples' log-probs are those of the policy being trained
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-policy.to(device)
 preference_fn = nr.load_function(args.preference_fn) if args.preference_fn else None
 scorer = None if preference_fn else nr.Scorer(
-    tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
+    tokenizer, args.reward_model_path, args.reward_fn, device=device, fsdp=args.fsdp, bf16=use_bf16,
     batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
     nr.print0(f"reward model {args.reward_model_path}: {'same' if scorer.same_tokenizer else 'own'} tokenizer")
-if args.fsdp:
-    for block in nr.transformer_blocks(policy):
-        fully_shard(block)
-    fully_shard(policy)
+if args.fsdp:  # FSDP2: fully_shard each transformer block, then the root (the frozen models too)
+    nr.shard(policy, use_bf16)
 elif world_size > 1:
-    policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    policy = DDP(policy.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+                 gradient_as_bucket_view=True)  # gradients live in DDP's buckets: one copy, not two
+else:
+    policy.to(device)
 # no-grad forwards and sampling: the bare module under DDP; under FSDP the sharded model, whose every
 # forward all-gathers, so each rank runs the same number of them and the sampler stops ranks together
 sampler = policy if args.fsdp else getattr(policy, "module", policy)
@@ -251,9 +247,9 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=
 # ----------------------------------------------------------------------------- helpers
 tracker = nr.Tracker(args)  # metrics.jsonl, samples.jsonl and --report_to, opened at the first record
 log = tracker.log
-rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
-                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, eos_token_id=tokenizer.eos_token_id,
-                 sharded=args.sharded_generation)
+rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size,
+                 bf16=use_bf16 and not args.fsdp, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 eos_token_id=tokenizer.eos_token_id, sharded=args.sharded_generation)
 autocast = rl.autocast
 evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
                              seed=args.seed, tracker=tracker,

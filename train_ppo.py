@@ -10,19 +10,16 @@ the reference's per-token log-probs, V_t = V(x, y_<t) the value model's reading 
 for num_ppo_epochs x num_mini_batches updates of policy and value model together (one AdamW). With 1 epoch and
 1 micro-batch, l_old and V_old are the update's own forwards, detached (ratio 1, two forwards per step fewer).
 
-Deviations from TRL v0.21 (each with its reason in docs/methods.md): the score goes on the completion's last real
-token, its EOS, which is trained and charged its KL like any token (TRL: with pad != eos one position later, on
-padding, #1893 / #3750; with pad == eos on the EOS, left out of loss, KL and whitening); stop_token None trains all
-response_length tokens whatever the pad token (TRL still ends a trajectory at its first pad: the first EOS when
-pad == eos); each mini-batch is one optimizer step (TRL's accelerate steps every gradient_accumulation_steps
-micro-batches across mini-batch boundaries); log-probs of policy, old policy and reference at the sampling
-temperature from one function; boolean masks (no INVALID_LOGPROB), means over completion tokens; whitening over
-all ranks; the loss a mean over a whole mini-batch's tokens on all ranks (TRL: per micro-batch, then averaged);
-rollouts depend on (seed, prompt) only; gradients clipped at max_grad_norm 1.0 (TRL's loop ignored it: pass 0);
-val/num_eos_tokens counts EOS inside the completions of all ranks (TRL: raw EOS ids on one rank, padding
-included when pad == eos); the value model is saved (value_model/). As TRL: a step holds per_device_train_batch_size
-x gradient_accumulation_steps completions per process in num_mini_batches mini-batches; the rate moves once per
-step, ceil(warmup_ratio x steps) warmup steps; missing_eos_penalty reads the completion; float32 weights; AdamW.
+Deviations from TRL v0.21 (reasons: docs/methods.md): the score goes on the last real token, the EOS, trained and
+charged its KL like any token (TRL: one position later on padding when pad != eos, #1893 / #3750; when pad == eos
+on the EOS, left out of loss, KL and whitening); stop_token None trains every token whatever the pad (TRL: cut at
+the first pad); each mini-batch is one update (TRL's accelerate stepped across mini-batches); one log-prob
+function at the sampling temperature; boolean masks, means over completion tokens, whitening over all ranks, the
+loss a mean over a mini-batch's tokens on all ranks; rollouts depend on (seed, prompt) only; gradients clipped at
+max_grad_norm 1.0 (TRL ignored it: pass 0); val/num_eos_tokens counts EOS in the completions of all ranks; the
+value model is saved. As TRL: a step holds per_device_train_batch_size x gradient_accumulation_steps completions
+per process in num_mini_batches mini-batches; the rate moves once per step, ceil(warmup_ratio x steps) warmup
+steps; missing_eos_penalty reads the completion; float32 weights; AdamW eps 1e-8, weight_decay 0.
 
 Launch:
     python train_ppo.py                                      # built-in world, gold reward, 1 process
@@ -40,7 +37,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, get_scheduler
@@ -63,9 +59,8 @@ class Args:
     reward_fn: str = ""
     """'module:function' scoring (prompts, completions) texts; default on the built-in world: its gold reward"""
     value_model_path: str = ""
-    """value model: a 1-label decoder sequence classifier read at every completion position, sharing the policy's
-    tokenizer; empty = the reward model when it shares the policy's tokenizer (TRL's example), else the policy's
-    backbone with a fresh 1-label head"""
+    """a 1-label decoder sequence classifier on the policy's tokenizer, read per token; empty = the reward model
+    when it shares the policy's tokenizer (TRL's example), else the policy's backbone with a fresh head"""
     dataset_name: str = ""
     """prompts: hub name or local file/folder (prompt-only or preference data); empty = the built-in world"""
     dataset_train_split: str = "train"
@@ -135,9 +130,9 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward (policy and value model)"""
     bf16: bool = False
-    """bf16 autocast (GPU only)"""
+    """bf16 compute from float32 weights: autocast, or FSDP2's MixedPrecisionPolicy with --fsdp (CPUs: slower)"""
     fsdp: bool = False
-    """shard policy and value model with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    """shard with FSDP2 instead of DDP: policy, value model, and the frozen reference and reward model"""
     sharded_generation: bool = False
     """with --fsdp, sample from the sharded policy, all-gathering each block at every token (for a policy too big
     to hold whole on one device; default: gathered once per rollout)"""
@@ -212,10 +207,7 @@ if args.gradient_accumulation_steps % args.num_mini_batches:  # mini-batches of 
                    f"{args.gradient_accumulation_steps} (a step's micro-batches per process are split into them)")
 local_mini_batch = local_batch // args.num_mini_batches  # completions per update
 batch_size = local_batch * world_size  # completions per step
-use_bf16 = args.bf16 and device.type == "cuda"
-frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
-if args.bf16 and not use_bf16:
-    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+use_bf16 = args.bf16  # bf16 compute from float32 weights (autocast; FSDP2's MixedPrecisionPolicy under --fsdp)
 torch.manual_seed(args.seed)
 
 replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
@@ -261,8 +253,8 @@ def step_prompts(step):
 
 
 # ----------------------------------------------------------------------------- models
-policy, ref = nr.policy_and_reference(args, device, frozen_dtype)  # ref: a full frozen copy, or the LoRA base
-scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
+policy, ref = nr.policy_and_reference(args, device)  # ref: frozen, float32, sharded with --fsdp; or the LoRA base
+scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, fsdp=args.fsdp, bf16=use_bf16,
                    batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
     nr.print0(f"reward model {args.reward_model_path}: {'same' if scorer.same_tokenizer else 'own'} tokenizer")
@@ -286,14 +278,13 @@ nr.disable_dropout(policy, value)  # as TRL: no dropout, old and new differ only
 for model in (policy, value):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-if args.fsdp:
-    for model in (policy, value):
-        for block in nr.transformer_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
-elif world_size > 1:
-    policy, value = (DDP(m, device_ids=[device.index] if device.type == "cuda" else None) for m in (policy, value))
+    if args.fsdp:  # FSDP2: fully_shard each transformer block, then the root (the frozen models too)
+        nr.shard(model, use_bf16)
+    else:
+        model.to(device)
+if world_size > 1 and not args.fsdp:  # gradients live in DDP's buckets: one copy, not two
+    policy, value = (DDP(m, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+                     for m in (policy, value))
 # no-grad forwards and sampling: the bare module under DDP; under FSDP the sharded model, whose every
 # forward all-gathers, so each rank runs the same number of them and the sampler stops ranks together
 sampler = policy if args.fsdp else getattr(policy, "module", policy)
@@ -315,22 +306,31 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=
 # ----------------------------------------------------------------------------- helpers
 tracker = nr.Tracker(args)  # metrics.jsonl, samples.jsonl and --report_to, opened at the first record
 log = tracker.log
-rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
-                 max_new_tokens=args.response_length, temperature=args.temperature, eos_token_id=eos_ids,
-                 sharded=args.sharded_generation)
+rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size,
+                 bf16=use_bf16 and not args.fsdp, max_new_tokens=args.response_length, temperature=args.temperature,
+                 eos_token_id=eos_ids, sharded=args.sharded_generation)
 autocast = rl.autocast
 evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
                              seed=args.seed, tracker=tracker,
                              gold_reward=world.gold_reward if world_prompts else None)
 
 
+def ppo_order(step, epoch):
+    """This rank's rollouts in the order one PPO epoch's mini-batches take them (seeded: the same on resume)."""
+    return torch.randperm(local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
+
+
 @torch.no_grad()
-def old_values(ids, mask, tokens, cmask):
-    n = args.local_rollout_forward_batch_size
+def as_updated(model, ids, mask, tokens, cmask, order, values=False):
+    """(B, T) log-probs (or values) of model, micro-batch by micro-batch of `order`, the first epoch's: the very
+    computation of the first update. So under bf16 its ratio is exactly 1, the value clip idle, and a reference
+    equal to the policy gives a KL of exactly 0 (other chunking rounds otherwise)."""
+    out = torch.zeros(tokens.shape, device=device)
     with autocast():
-        v = torch.cat([nr.token_values(value_reader, ids[i:i + n], mask[i:i + n], tokens[i:i + n])
-                       for i in range(0, len(ids), n)])
-    return v * cmask
+        for r in order.split(args.per_device_train_batch_size):
+            out[r] = (nr.token_values(model, ids[r], mask[r], tokens[r]) if values else
+                      nr.completion_logprobs(model, ids[r], mask[r], tokens[r], args.temperature).float())
+    return out * cmask
 
 
 def sync_gradients(stack, last):
@@ -364,9 +364,11 @@ for step in range(start_step, total_steps):
             first = (*nr.completion_logprobs(policy, ids, mask, tokens, args.temperature, with_entropy=True),
                      nr.token_values(value, ids, mask, tokens))
         old, values = first[0].detach().float() * cmask, first[2].detach() * cmask
-    else:
-        old, values = rl.logprobs(sampler, ids, mask, tokens, cmask), old_values(ids, mask, tokens, cmask)  # (B, T)
-    ref_lp = rl.logprobs(ref, ids, mask, tokens, cmask)
+    order = torch.arange(local_batch) if on_policy else ppo_order(step, 0)
+    if not on_policy:
+        old = as_updated(sampler, ids, mask, tokens, cmask, order)  # (B, T)
+        values = as_updated(value_reader, ids, mask, tokens, cmask, order, values=True)
+    ref_lp = as_updated(ref, ids, mask, tokens, cmask, order)
     scores, _, _ = scorer([train_prompts[i] for i in idx], ids, mask, tokens, cmask)
     # 2. per-token rewards: KL penalty at every token, the score at the last real one; GAE (no gradient)
     kl = nr.kl_estimators(old, ref_lp, cmask)[args.kl_estimator]  # (B, T), 0 after EOS
@@ -381,11 +383,9 @@ for step in range(start_step, total_steps):
     # 3. PPO-clip epochs over mini-batches of this rank's rollouts: policy and value model in one loss
     stats = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
     for epoch in range(args.num_ppo_epochs):
-        order = torch.arange(local_batch) if on_policy else torch.randperm(
-            local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
+        order = order if epoch == 0 else ppo_order(step, epoch)
         for mb in order.split(local_mini_batch):
-            # the loss is a mean over the mini-batch's tokens on all ranks (DDP then averages over ranks), so
-            # neither gradient accumulation nor the number of processes changes the update
+            # a mean over the mini-batch's tokens on all ranks: accumulation and processes do not change the update
             rank_tokens = nr.all_reduce_metrics({"n": cmask[mb].sum()})["n"]  # mean over ranks
             for a, rows in enumerate(mb.split(micro)):
                 with ExitStack() as stack:

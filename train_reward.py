@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_scheduler
@@ -92,7 +91,7 @@ class Args:
     gradient_checkpointing: bool = True
     """recompute activations in backward to save memory (TRL's RewardConfig default); false is faster"""
     bf16: bool = False
-    """bf16 autocast (GPU only; ignored with a notice on CPU)"""
+    """bf16 compute from float32 weights: autocast, or FSDP2's MixedPrecisionPolicy with --fsdp (CPUs: slower)"""
     fsdp: bool = False
     """shard with FSDP2 (fully_shard per block, then the root) instead of DDP"""
     seed: int = 42
@@ -147,9 +146,7 @@ if args.lr_scheduler_type not in ("linear", "cosine", "constant"):
     nr.usage_error(f"--lr_scheduler_type {args.lr_scheduler_type!r}: use linear, cosine or constant")
 if args.eval_fraction == 1.0:
     nr.usage_error("--eval_fraction 1.0 leaves nothing to train on: use a value in [0, 1)")
-use_bf16 = args.bf16 and device.type == "cuda"
-if args.bf16 and not use_bf16:
-    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+use_bf16 = args.bf16  # bf16 compute from float32 weights (autocast; FSDP2's MixedPrecisionPolicy under --fsdp)
 torch.manual_seed(args.seed)
 
 replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
@@ -231,13 +228,13 @@ if args.disable_dropout:  # as TRL: a reward is a deterministic function
     nr.disable_dropout(model)
 if args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-model.to(device)
-if args.fsdp:
-    for block in nr.transformer_blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+if args.fsdp:  # FSDP2: fully_shard each transformer block, then the root
+    nr.shard(model, use_bf16)
 elif world_size > 1:
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True)  # gradients live in DDP's buckets: one copy, not two
+else:
+    model.to(device)
 nr.print0(f"model: {type(getattr(model, 'module', model)).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) * (world_size if args.fsdp else 1) / 1e6:.2f}M params")
 
@@ -251,7 +248,7 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=
 
 # ----------------------------------------------------------------------------- helpers
 def rewards_of(ids, mask):
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not args.fsdp):
         return nr.reward_model_scores(model, ids, mask).float()
 
 

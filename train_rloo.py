@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -126,9 +125,9 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     bf16: bool = False
-    """bf16 autocast (GPU only)"""
+    """bf16 compute from float32 weights: autocast, or FSDP2's MixedPrecisionPolicy with --fsdp (CPUs: slower)"""
     fsdp: bool = False
-    """shard the policy with FSDP2 instead of DDP (the reference stays a full copy per rank)"""
+    """shard with FSDP2 instead of DDP: the policy, the reference and the reward model (frozen: 1/N per rank)"""
     sharded_generation: bool = False
     """with --fsdp, sample from the sharded policy, all-gathering each block at every token (for a policy too big
     to hold whole on one device; default: gathered once per rollout)"""
@@ -204,10 +203,7 @@ if local_batch % args.rloo_k:
     nr.usage_error(f"per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches = {local_batch} "
                    f"completions per process must be divisible by rloo_k = {args.rloo_k}")
 local_prompts = local_batch // args.rloo_k
-use_bf16 = args.bf16 and device.type == "cuda"
-frozen_dtype = torch.bfloat16 if use_bf16 else torch.float32  # reference and reward model; trained weights: fp32
-if args.bf16 and not use_bf16:
-    nr.print0("--bf16: autocast is used on GPU only; running in float32 on CPU")
+use_bf16 = args.bf16  # bf16 compute from float32 weights (autocast; FSDP2's MixedPrecisionPolicy under --fsdp)
 torch.manual_seed(args.seed)
 
 replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
@@ -253,22 +249,22 @@ def step_prompts(step):
 
 
 # ----------------------------------------------------------------------------- models
-policy, ref = nr.policy_and_reference(args, device, frozen_dtype)  # ref: a full frozen copy, or the LoRA base
+policy, ref = nr.policy_and_reference(args, device)  # ref: frozen, float32, sharded with --fsdp; or the LoRA base
 policy.config.pad_token_id = tokenizer.pad_token_id
 nr.disable_dropout(policy)  # as TRL: no dropout, so old and new log-probs differ only by the update
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-policy.to(device)
-scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, dtype=frozen_dtype,
+scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device, fsdp=args.fsdp, bf16=use_bf16,
                    batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 if args.reward_model_path:
     nr.print0(f"reward model {args.reward_model_path}: {'same' if scorer.same_tokenizer else 'own'} tokenizer")
-if args.fsdp:
-    for block in nr.transformer_blocks(policy):
-        fully_shard(block)
-    fully_shard(policy)
+if args.fsdp:  # FSDP2: fully_shard each transformer block, then the root (the frozen models too)
+    nr.shard(policy, use_bf16)
 elif world_size > 1:
-    policy = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    policy = DDP(policy.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+                 gradient_as_bucket_view=True)  # gradients live in DDP's buckets: one copy, not two
+else:
+    policy.to(device)
 # no-grad forwards and sampling: the bare module under DDP; under FSDP the sharded model, whose every
 # forward all-gathers, so each rank runs the same number of them and the sampler stops ranks together
 sampler = policy if args.fsdp else getattr(policy, "module", policy)
@@ -286,15 +282,30 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=
 # ----------------------------------------------------------------------------- helpers
 tracker = nr.Tracker(args)  # metrics.jsonl, samples.jsonl and --report_to, opened at the first record
 log = tracker.log
-rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size, bf16=use_bf16,
-                 max_new_tokens=args.response_length, temperature=args.temperature, eos_token_id=eos_ids,
-                 sharded=args.sharded_generation)
+rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size,
+                 bf16=use_bf16 and not args.fsdp, max_new_tokens=args.response_length, temperature=args.temperature,
+                 eos_token_id=eos_ids, sharded=args.sharded_generation)
 autocast = rl.autocast
 evaluate = functools.partial(rl.evaluate, ref=ref, scorer=scorer, prompts=eval_prompts, prompt_ids=eval_ids,
                              seed=args.seed, tracker=tracker,
                              gold_reward=world.gold_reward if world_prompts else None)
 
 
+def ppo_order(step, epoch):
+    """This rank's rollouts in the order one PPO epoch's mini-batches take them (seeded: the same on resume)."""
+    return torch.randperm(local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
+
+
+@torch.no_grad()
+def logprobs_as_updated(model, ids, mask, tokens, cmask, order):
+    """(B, T) log-probs of model, micro-batch by micro-batch of `order`, the first epoch's: the very computation
+    (rows, function, precision) of the first update. Old policy and reference alike: under bf16 the first ratio is
+    exactly 1, and a reference equal to the policy gives a KL of exactly 0 (other chunking rounds otherwise)."""
+    lp = torch.zeros(tokens.shape, device=device)
+    with autocast():
+        for rows in order.split(args.per_device_train_batch_size):
+            lp[rows] = nr.completion_logprobs(model, ids[rows], mask[rows], tokens[rows], args.temperature).float()
+    return lp * cmask
 
 
 # ----------------------------------------------------------------------------- loop
@@ -319,9 +330,10 @@ for step in range(start_step, total_steps):
         with autocast():
             first = nr.completion_logprobs(policy, ids, mask, tokens, args.temperature, with_entropy=True)
         old = first[0].detach().float() * cmask
-    else:
-        old = rl.logprobs(sampler, ids, mask, tokens, cmask)  # (k*B, T)
-    ref_lp = rl.logprobs(ref, ids, mask, tokens, cmask)
+    order = torch.arange(local_batch) if on_policy else ppo_order(step, 0)
+    if not on_policy:
+        old = logprobs_as_updated(sampler, ids, mask, tokens, cmask, order)  # (k*B, T)
+    ref_lp = logprobs_as_updated(ref, ids, mask, tokens, cmask, order)
     scores, _, _ = scorer([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
     if args.normalize_reward:
         scores = nr.global_whiten(scores).clamp(-args.reward_clip_range, args.reward_clip_range)
@@ -336,8 +348,7 @@ for step in range(start_step, total_steps):
     # 3. PPO-clip epochs over mini-batches of this rank's rollouts
     stats = {"loss": [], "clipfrac": [], "approxkl": [], "ratio": [], "entropy": []}
     for epoch in range(args.num_ppo_epochs):
-        order = torch.arange(local_batch) if on_policy else torch.randperm(
-            local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
+        order = order if epoch == 0 else ppo_order(step, epoch)
         for mb in order.split(local_mini_batch):
             for a, rows in enumerate(mb.split(micro)):
                 last = a == accum - 1

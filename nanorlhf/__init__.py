@@ -10,8 +10,8 @@ from .config import (InputError, apply_defaults, check_flags, clean_errors, give
 from .data import (MissingSplit, encode, epoch_order, held_out, keep_end, load_rows, pad, preference_pairs, prompts_of,
                    render, tokenize_pairs, tokenize_prompts)
 from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dict, global_mean_var, global_whiten,
-                   init_distributed, is_main, load_checkpoint, load_full_state_dict, load_hf, load_tokenizer, print0,
-                   rng_state, save_checkpoint, save_hf, set_rng_state, transformer_blocks)
+                   init_distributed, is_main, load_checkpoint, load_hf, load_tokenizer, print0, rng_state,
+                   save_checkpoint, save_hf, set_rng_state, shard, transformer_blocks)
 from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
                      value_loss, xpo_loss)
 from .models import AdapterOff, add_lora, disable_dropout, policy_and_reference, save_adapter, save_policy

@@ -6,14 +6,15 @@ import shutil
 import torch
 
 from .config import InputError, usage_error
-from .dist import full_state_dict, is_main, load_hf, save_hf
+from .dist import full_state_dict, is_main, load_hf, save_hf, shard
 
 
-def policy_and_reference(args, device, frozen_dtype):
+def policy_and_reference(args, device):
     """(policy, reference). The policy: float32 (trained weights), on the CPU (the script moves and wraps it), with
-    --use_peft a peft model with a LoRA adapter. The reference: --sft_model_path or the initial policy, a full copy
-    in frozen_dtype on device, never wrapped; with --use_peft the policy's own base weights with the adapter off
-    (`AdapterOff`), so no second copy is held."""
+    --use_peft a peft model with a LoRA adapter. The reference: --sft_model_path or the initial policy, frozen, in
+    float32 like the policy (under --bf16 both compute in bf16 from the same float32 weights, so the reference
+    scores exactly as the initial policy: KL 0 at step 0), on device, or sharded with --fsdp (`shard`); with
+    --use_peft the policy's own base weights with the adapter off (`AdapterOff`), so no second copy is held."""
     from transformers import AutoModelForCausalLM
     policy = load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
     if args.use_peft:
@@ -22,12 +23,12 @@ def policy_and_reference(args, device, frozen_dtype):
         policy = add_lora(policy, args, "CAUSAL_LM")
         return policy, AdapterOff(policy)
     ref = load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
-                  None if args.sft_model_path else args.gguf_file, dtype=frozen_dtype)
-    ref.eval().requires_grad_(False).to(device)
+                  None if args.sft_model_path else args.gguf_file)
     if ref.config.vocab_size != policy.config.vocab_size:
         raise InputError(f"--sft_model_path {args.sft_model_path}: vocabulary of {ref.config.vocab_size} tokens, the "
                          f"policy's has {policy.config.vocab_size}: the reference must share the policy's tokenizer")
-    return policy, ref
+    ref.eval().requires_grad_(False)
+    return policy, shard(ref, args.bf16) if args.fsdp else ref.to(device)
 
 
 def save_policy(model, tokenizer, args):

@@ -7,7 +7,7 @@ import torch
 
 from .config import InputError
 from .data import encode, keep_end, pad
-from .dist import load_hf, load_tokenizer, print0
+from .dist import load_hf, load_tokenizer, print0, shard
 from .ops import contains_eos, position_ids_from_mask, prompt_forward, shares_prompts
 
 
@@ -143,21 +143,22 @@ class Scorer:
     including its first EOS, scored at that EOS. With the policy's tokenizer and template the policy's ids
     are that sequence already; with another tokenizer the texts are re-encoded (`rm_sequences`)."""
 
-    def __init__(self, tokenizer, reward_model_path="", reward_fn="", *, device=None, dtype=torch.float32,
-                 batch_size=64, missing_eos_penalty=None):
+    def __init__(self, tokenizer, reward_model_path="", reward_fn="", *, device=None, batch_size=64,
+                 missing_eos_penalty=None, fsdp=False, bf16=False):
         from transformers import AutoModelForSequenceClassification
         self.tokenizer, self.device, self.batch_size = tokenizer, device, batch_size
         self.missing_eos_penalty, self.reward_fn, self.model, self.spec = missing_eos_penalty, None, None, reward_fn
         if reward_fn:
             self.reward_fn = load_function(reward_fn)
             return
-        self.model = load_hf(AutoModelForSequenceClassification, reward_model_path, dtype=dtype)
+        self.model = load_hf(AutoModelForSequenceClassification, reward_model_path)  # float32; --fsdp: sharded
         if not any("ForSequenceClassification" in k for k in self.model.config.architectures or []):
             raise InputError(f"{reward_model_path}: not a reward model (a {self.model.config.architectures} checkpoint "
                              "would get a random score head); train one with train_reward.py")
         if self.model.config.num_labels != 1:
             raise InputError(f"{reward_model_path}: num_labels={self.model.config.num_labels}; a reward model has 1")
-        self.model.eval().requires_grad_(False).to(device)
+        self.model.eval().requires_grad_(False)
+        shard(self.model, bf16) if fsdp else self.model.to(device)
         self.rm_tokenizer = load_tokenizer(reward_model_path)
         self.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
                                and self.rm_tokenizer.chat_template == tokenizer.chat_template)

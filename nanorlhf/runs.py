@@ -9,8 +9,7 @@ from dataclasses import asdict
 import torch.distributed as dist
 
 from .config import InputError, usage_error
-from .dist import checkpoints, full_state_dict, is_main, load_checkpoint, load_full_state_dict, print0, rng_state, \
-    save_checkpoint, set_rng_state
+from .dist import checkpoints, is_main, load_checkpoint, print0, save_checkpoint, set_rng_state
 
 # flags that change neither the data a step sees nor the update it makes: free to differ on --resume
 FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps", "eval_steps", "save_steps",
@@ -19,16 +18,29 @@ FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps
 COMPLETE = "run_complete.json"  # written after the final model: the run in this folder finished
 
 
-def _differences(saved, args, world_size):
+BATCH = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")  # their product: the global batch
+
+
+def _differences(saved, args, world_size, resume=False):
+    """Flags of args (and the number of processes) that differ from a saved run's. On --resume the number of
+    processes may change (checkpoints reshard) as long as the global batch, the product of BATCH, stays."""
     given = {**asdict(args), "world_size": world_size}
-    return [f"--{k}: saved {saved.get(k)!r}, given {given.get(k)!r}".replace("--world_size", "number of processes")
-            for k in sorted({*saved, *given}) if k not in FREE_ON_RESUME and saved.get(k) != given.get(k)]
+    free = FREE_ON_RESUME | (set(BATCH) if resume else set())
+    diff = [f"--{k}: saved {saved.get(k)!r}, given {given.get(k)!r}".replace("--world_size", "number of processes")
+            for k in sorted({*saved, *given}) if k not in free and saved.get(k) != given.get(k)]
+    if resume:
+        sizes = [[d.get(k) or 1 for k in BATCH] for d in (saved, given)]
+        (a, b, c), (x, y, z) = sizes
+        if a * b * c != x * y * z:
+            diff.append(f"global batch (per_device_train_batch_size x gradient_accumulation_steps x processes): saved "
+                        f"{a} x {b} x {c} = {a * b * c}, given {x} x {y} x {z} = {x * y * z}")
+    return diff
 
 
 def check_output_dir(args, world_size):
     """Refuse, before anything is loaded or deleted (on every rank, before any collective): an output folder
-    that cannot be written; --resume of a run with another number of processes or another value of a flag
-    not in FREE_ON_RESUME (it would repeat or skip data), each difference named; a non-empty folder without
+    that cannot be written; --resume of a run with another global batch or another value of a flag not in
+    FREE_ON_RESUME (it would repeat or skip data), each difference named; a non-empty folder without
     --overwrite_output_dir, unless it holds a finished run of the same flags (a command run twice redoes
     it). Returns True when an old run is to be replaced (by start_run, once everything has loaded)."""
     out = args.output_dir
@@ -53,7 +65,7 @@ def check_output_dir(args, world_size):
     if args.resume:
         if saved is None or not checkpoints(out):
             raise InputError(f"--resume: no checkpoint in {out}")
-        diff = _differences(saved, args, world_size)
+        diff = _differences(saved, args, world_size, resume=True)
         if diff:
             raise InputError(f"--resume: {out} holds a run with other settings (resuming would repeat or skip data "
                              "or change the update):\n  " + "\n  ".join(diff))
@@ -89,9 +101,13 @@ def start_run(args, world_size, replace):
 
 
 def finish_run(output_dir, step):
+    """Mark the run complete, with rank 0's peak accelerator memory (what benchmarks/gpu_check.py compares with
+    the memory plan; None on a CPU)."""
+    import torch
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     if is_main():
         with open(os.path.join(output_dir, COMPLETE), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, "peak_memory_bytes": peak}, f)
 
 
 def append_jsonl(output_dir, name, records):
@@ -102,27 +118,22 @@ def append_jsonl(output_dir, name, records):
 
 
 def save_training_state(output_dir, step, model, optimizer, scheduler, keep=2, extra=None):
-    """Checkpoint everything a resume needs: full model and optimizer state, scheduler, step, every
-    rank's RNG and rank 0's `extra` (e.g. a logging window). A collective: call on all ranks; rank 0
-    writes (atomically, see save_checkpoint); keep = 0 keeps every checkpoint."""
-    model_state, optim_state = full_state_dict(model, optimizer)
-    rngs = [rng_state()]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng_state())
-    save_checkpoint(output_dir, step, {"model": model_state, "optimizer": optim_state, "rng": rngs,
-                                       "scheduler": scheduler.state_dict(), "step": step,
-                                       "extra": extra or {}}, keep=keep)
+    """Checkpoint everything a resume needs (save_checkpoint: sharded model and optimizer state, each rank's
+    RNG) with the scheduler, the step, the number of processes and rank 0's `extra` (e.g. a logging window).
+    A collective: call on all ranks; keep = 0 keeps every checkpoint."""
+    trainer = {"scheduler": scheduler.state_dict(), "step": step, "extra": extra or {},
+               "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    save_checkpoint(output_dir, step, model, optimizer, trainer, keep=keep)
 
 
 def load_training_state(output_dir, model, optimizer, scheduler, extra=None):
-    """Restore the newest intact checkpoint: each rank reads it (the output folder is shared, as --resume's
-    checks need) and keeps its shard (FSDP2) or a full copy (DDP). Log records after its step and a line torn
-    by a kill are dropped (the resumed run rewrites them). Returns the step; saved `extra` goes into `extra`."""
+    """Restore the newest intact checkpoint, resharded to this run's number of processes (check_output_dir has
+    refused another global batch). Log records after its step and a line torn by a kill are dropped (the resumed
+    run rewrites them). Returns the step; saved `extra` goes into `extra`."""
     bad = []  # the newest checkpoint that loads; an older one, said so, when a kill tore the newest
     for path in checkpoints(output_dir):
         try:
-            state = load_checkpoint(path)
+            state, rng = load_checkpoint(path, model, optimizer)
             break
         except InputError as e:
             bad.append(str(e))
@@ -130,12 +141,11 @@ def load_training_state(output_dir, model, optimizer, scheduler, extra=None):
         raise InputError(f"--resume: no intact checkpoint in {output_dir} (" + "; ".join(bad) + ")")
     if bad:
         print0("skipping unreadable checkpoints (" + "; ".join(bad) + f"): resuming from {path}")
-    try:
-        load_full_state_dict(model, optimizer, state["model"], state["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise InputError(f"{path}: checkpoint does not match this model ({type(e).__name__}: {e})") from e
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][dist.get_rank() if dist.is_initialized() else 0])
+    if rng is not None:
+        set_rng_state(rng)
+    else:  # the rollouts and shuffles take their own seeds: only the global RNG's stream differs
+        print0(f"{path} was written by {state['world_size']} processes: resharded; each rank's RNG starts afresh")
     if extra is not None:
         extra.update(state.get("extra", {}))
     step = state["step"]

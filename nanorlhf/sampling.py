@@ -159,8 +159,9 @@ class Rollouts:
         1 = the reference alone, so the samples of both models come from one call."""
         ids, mask = (t.to(self.device) for t in pad(rows, self.tokenizer.pad_token_id))
         alpha, blocks = torch.as_tensor(mixture_coef, dtype=torch.float64).expand(len(rows)), []
-        if self.gather:
-            blocks = [m for m in self.model.modules() if isinstance(m, FSDPModule) and m is not self.model]
+        if self.gather:  # the policy's blocks, and a sharded reference's (the mixture), gathered once per rollout
+            blocks = [m for root in (self.model, ref) if root is not None for m in root.modules()
+                      if isinstance(m, FSDPModule) and m is not root]
         for m in blocks:  # (the root stays unsharded after its forward anyway)
             m.set_reshard_after_forward(False, recurse=False)
         outs = []

@@ -17,18 +17,19 @@ def env(pythonpath=()):
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=path, TQDM_DISABLE="1")
 
 
-def run(script, *args, procs=1, check=True, timeout=600, pythonpath=()):
-    """Run ROOT/script with args (1 process, or torchrun with `procs`); returns the CompletedProcess."""
-    r = subprocess.run([*_launcher(procs), os.path.join(ROOT, script), *map(str, args)], env=env(pythonpath),
+def run(script, *args, procs=1, check=True, timeout=600, pythonpath=(), torchrun=False):
+    """Run ROOT/script with args (1 process, or torchrun with `procs`, or with torchrun=True torchrun even for 1);
+    returns the CompletedProcess."""
+    r = subprocess.run([*_launcher(procs, torchrun), os.path.join(ROOT, script), *map(str, args)], env=env(pythonpath),
                        capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
     return r
 
 
-def _launcher(procs):
-    return [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                "--nproc_per_node", str(procs)]
+def _launcher(procs, torchrun=False):
+    return [sys.executable] if procs == 1 and not torchrun else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
 
 
 def survivors(output_dir):
@@ -65,6 +66,18 @@ def weights(output_dir):
     """The saved model's tensors, by name."""
     from safetensors.torch import load_file
     return load_file(os.path.join(output_dir, "model.safetensors"))
+
+
+def checkpoint_state(path):
+    """A sharded checkpoint folder (nanorlhf.save_checkpoint) read back whole in this process: {"model": {name:
+    tensor}, "optimizer": {"state": ..., "param_groups": ...}}, plus its trainer.pt ({"step", "scheduler", ...})."""
+    import tempfile
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, os.path.join(tmp, "state.pt"))
+        state = torch.load(os.path.join(tmp, "state.pt"), weights_only=True)
+    return {**state, "trainer": torch.load(os.path.join(path, "trainer.pt"), weights_only=True)}
 
 
 def metrics(output_dir):

@@ -1,5 +1,5 @@
 """What real Hugging Face checkpoints need: bf16 weights trained in float32, TRL's AdamW defaults, and
---resume refusing a run it would continue differently (another number of processes, another flag)."""
+--resume refusing a run it would continue differently (another global batch, another flag)."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from scripts import run
+from scripts import checkpoint_state, run
 
 LR = 5e-7  # tiny: in bf16 most such updates round away (measured 421 of 76,096 weights would change)
 
@@ -28,7 +28,7 @@ def bf16_policy(world_root, tmp_path_factory):
 
 def _first_checkpoint(out):
     name = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))[0]
-    return torch.load(os.path.join(out, name, "state.pt"), weights_only=True)
+    return checkpoint_state(os.path.join(out, name))
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,16 @@ def test_reward_model_defaults_are_trls(world_root, bf16_policy, tmp_path):
     assert body and all(v.dtype == torch.float32 and not torch.equal(v, before[k]) for k, v in body.items())
 
 
-def test_resume_with_other_processes_or_flags_is_refused_before_any_collective(world_root, bf16_policy, rloo_run):
+def test_resume_with_another_global_batch_or_flags_is_refused_before_any_collective(world_root, bf16_policy,
+                                                                                      rloo_run):
     common = ["--model_name_or_path", bf16_policy, "--dataset_name", os.path.join(world_root, "prompts"),
               "--reward_fn", "nanorlhf.world:gold_reward", "--learning_rate", LR, "--total_episodes", 16,
               "--response_length", 8, "--num_ppo_epochs", 1, "--num_eval_prompts", 8, "--num_sample_generations", 0,
               "--save_steps", 1, "--output_dir", rloo_run, "--resume"]
-    r = run("train_rloo.py", *common, "--per_device_train_batch_size", 4, procs=2, check=False, timeout=180)
-    assert r.returncode != 0 and "number of processes: saved 1, given 2" in r.stdout + r.stderr
+    # 2 processes may resume a 1-process run (the checkpoint reshards) only with the same global batch: 8 x 1 x 1
+    r = run("train_rloo.py", *common, "--per_device_train_batch_size", 8, procs=2, check=False, timeout=180)
+    assert r.returncode != 0 and ("global batch (per_device_train_batch_size x gradient_accumulation_steps x "
+                                  "processes): saved 8 x 1 x 1 = 8, given 8 x 1 x 2 = 16") in r.stdout + r.stderr
     r = run("train_rloo.py", *common, "--per_device_train_batch_size", 8, "--max_prompt_length", 100,
             "--missing_eos_penalty", 1.0, check=False)
     err = r.stdout + r.stderr

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 import nanorlhf as nr
-from scripts import fails, kill_after, metrics, run, survivors, weights
+from scripts import checkpoint_state, fails, kill_after, metrics, run, survivors, weights
 
 REWARD = ["--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 16, "--logging_steps", 1]
 RLOO = ["--per_device_train_batch_size", 8, "--total_episodes", 16, "--response_length", 8, "--num_eval_prompts", 16,
@@ -79,7 +79,7 @@ def test_resume_survives_a_torn_checkpoint_and_log_line(world_root, tmp_path):
     full = [m for m in metrics(out)]
     os.remove(out / "model.safetensors")
     newest = nr.checkpoints(out)[0]
-    with open(os.path.join(newest, "state.pt"), "r+b") as f:  # a kill mid-write of a file
+    with open(os.path.join(newest, "__0_0.distcp"), "r+b") as f:  # a kill mid-write of a file
         f.truncate(1000)
     with open(out / "metrics.jsonl", "a") as f:  # a kill mid-append
         f.write('{"step": 9, "loss": 0.')
@@ -105,7 +105,7 @@ def test_a_non_finite_advantage_stops_the_run_and_keeps_the_checkpoint(world_roo
     assert "step 3: non-finite advantages" in err and "stopped without saving" in err
     assert not os.path.exists(out / "model.safetensors") and not os.path.exists(out / nr.runs.COMPLETE)
     assert os.path.basename(nr.checkpoints(out)[0]) == "checkpoint-00000002"
-    assert all(torch.isfinite(v).all() for v in nr.load_checkpoint(nr.checkpoints(out)[0])["model"].values())
+    assert all(torch.isfinite(v).all() for v in checkpoint_state(nr.checkpoints(out)[0])["model"].values())
 
 
 def test_a_nan_weight_stops_reward_training_at_step_one(world_root, tmp_path):

@@ -153,7 +153,7 @@ def test_bad_inputs(world_root, tmp_path):
     run(SCRIPT, *out("j"), *FAST, "--save_steps", 1)
     assert "one with other flags" in _fails(*out("j"), *FAST, "--save_steps", 1, "--vf_coef", 0.2)
     ckpt = sorted(p for p in os.listdir(tmp_path / "j") if p.startswith("checkpoint-"))[-1]
-    (tmp_path / "j" / ckpt / "state.pt").write_bytes(b"garbage")
+    (tmp_path / "j" / ckpt / "__0_0.distcp").write_bytes(b"garbage")
     assert "cannot load checkpoint" in _fails(*out("j"), *FAST, "--save_steps", 1, "--resume")
 
 

@@ -161,7 +161,7 @@ def test_output_dir_and_resume_guards(world_root, tmp_path):
     err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--learning_rate", 0.5, "--resume")
     assert "other settings" in err and "learning_rate" in err
     ckpt = sorted(p for p in os.listdir(out) if p.startswith("checkpoint-"))[-1]
-    with open(out / ckpt / "state.pt", "wb") as f:
+    with open(out / ckpt / "__0_0.distcp", "wb") as f:
         f.write(b"not a checkpoint")
     err = _fails("--output_dir", out, "--max_steps", 2, *FAST, "--resume")
     assert "cannot load checkpoint" in err and ckpt in err
