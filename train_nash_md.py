@@ -11,7 +11,8 @@ Deviations from TRL (reasons: docs/methods.md): y' is sampled with one KV cache 
 whole prefix each token); log-probs at the sampling temperature (TRL used temperature 1); missing_eos_penalty
 looks at the completion only (TRL looked at prompt + completion, so it never fired with chat templates); beta
 and mixture_coef take a linear schedule "start:end" over training (TRL's per-epoch lists crashed on fractional
-epochs); metrics are masked to completion tokens. As TRL: the preference P = sigmoid(s(y) - s(y')) from a reward
+epochs); metrics are masked to completion tokens; a reward model reads the completion's EOS (TRL: the token
+before it when pad == eos). As TRL: the preference P = sigmoid(s(y) - s(y')) from a reward
 model; warmup ceil(warmup_ratio x steps) steps; weights float32 whatever the
 checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at 1.0; logps/rejected is the
 reference's log-prob of y, rewards/margins = S(l) - S(lref), rewards/accuracies = mean[margin > 0].

@@ -11,7 +11,8 @@ ordered by the reward, DPO loss.
 
 Deviations from TRL (reasons: docs/methods.md): `logps/chosen` / `logps/rejected` are the policy's log-probs
 only (TRL added the reference's in); log-probs at the sampling temperature; missing_eos_penalty looks at the
-completion only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds. As TRL:
+completion only; beta and alpha take a linear schedule "start:end"; samples use KV caches and fixed seeds; a
+reward model reads the completion's EOS (TRL: the token before it when pad == eos). As TRL:
 weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at
 1.0; objective/kl and objective/entropy average both samples; the online-DPO mode logs
 OnlineDPOTrainer's names (objective/scores, objective/scores_margin, objective/rlhf_reward, ...).
