@@ -12,10 +12,10 @@ whole prefix each token); log-probs at the sampling temperature (TRL used temper
 looks at the completion only (TRL looked at prompt + completion, so it never fired with chat templates); beta
 and mixture_coef take a linear schedule "start:end" over training (TRL's per-epoch lists crashed on fractional
 epochs); metrics are masked to completion tokens; a reward model reads the completion's EOS (TRL: the token
-before it when pad == eos). As TRL: the preference P = sigmoid(s(y) - s(y')) from a reward
-model; warmup ceil(warmup_ratio x steps) steps; weights float32 whatever the
-checkpoint's dtype, AdamW eps 1e-8, weight_decay 0, gradients clipped at 1.0; logps/rejected is the
-reference's log-prob of y, rewards/margins = S(l) - S(lref), rewards/accuracies = mean[margin > 0].
+before it when pad == eos). As TRL: the preference P = sigmoid(s(y) - s(y')) from a reward model; warmup
+ceil(warmup_ratio x steps) steps; weights float32 whatever the checkpoint's dtype, AdamW eps 1e-8, weight_decay 0,
+gradients clipped at 1.0; logps/rejected is the reference's log-prob of y, rewards/margins = S(l) - S(lref),
+rewards/accuracies = mean[margin > 0].
 
 Launch:
     python train_nash_md.py                                  # built-in world, gold reward, 1 process
