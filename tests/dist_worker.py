@@ -75,6 +75,26 @@ if rank == 0:
     result["saved_max_err"] = max((p - ps[n]).abs().max().item() for n, p in loaded.named_parameters())
     result["saved_arch"] = loaded.config.architectures
     result["saved_tied"] = loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+# 4. --fsdp shards the frozen models too: the reference and the reward model hold half their parameters per rank
+from types import SimpleNamespace  # noqa: E402
+from transformers import LlamaForSequenceClassification  # noqa: E402
+from nanorlhf import Scorer, policy_and_reference  # noqa: E402
+if rank == 0:
+    LlamaForSequenceClassification(make_model(tok).config.__class__(**{**make_model(tok).config.to_dict(),
+                                                                       "num_labels": 1})).save_pretrained(f"{out_dir}/rm")
+    tok.save_pretrained(f"{out_dir}/rm")
+dist.barrier()
+args = SimpleNamespace(model_name_or_path=out_dir, gguf_file=None, sft_model_path="", use_peft=False, fsdp=True,
+                       bf16=False)
+_, fsdp_ref = policy_and_reference(args, device)
+scorer = Scorer(tok, f"{out_dir}/rm", device=device, fsdp=True)
+local = lambda m: sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in m.parameters())  # noqa
+full = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731 (a DTensor's numel is the full tensor's)
+result["frozen_local_fraction"] = [local(fsdp_ref) / full(fsdp_ref), local(scorer.model) / full(scorer.model)]
+with torch.no_grad():  # and compute as the unsharded model does
+    result["fsdp_ref_max_err"] = (completion_logprobs(fsdp_ref, ids, mask, comps) -
+                                  completion_logprobs(plain, ids, mask, comps)).abs().max().item()
 with open(f"{out_dir}/result_rank{rank}.json", "w") as f:
     json.dump(result, f)
 dist.destroy_process_group()

@@ -34,6 +34,11 @@ def test_two_process_plumbing(tmp_path):
     assert r0["rollouts_fsdp_equal"] and r1["rollouts_fsdp_equal"] and r0["resharded_after"] and r1["resharded_after"]
     assert r0["saved_max_err"] == 0.0 and r0["saved_tied"]
     assert r0["saved_arch"] == ["LlamaForCausalLM"]
+    # --fsdp: the frozen reference and reward model are sharded (half their parameters per rank) and compute as the
+    # unsharded model
+    for r in (r0, r1):
+        assert all(0.45 <= f <= 0.55 for f in r["frozen_local_fraction"]), r["frozen_local_fraction"]
+        assert r["fsdp_ref_max_err"] < 1e-5
 
 
 def test_global_mean_var_is_stable_and_unbiased():
