@@ -334,4 +334,5 @@ write_atomic("eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in all_row
 nr.print0(header + "\n".join(table))
 nr.print0(f"wrote {args.output_dir}/eval.json, eval.md, eval_samples.jsonl")
 if dist.is_initialized():
+    dist.barrier()  # every rank is done with collectives before any tears its process group down
     dist.destroy_process_group()

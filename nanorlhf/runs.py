@@ -108,6 +108,8 @@ def finish_run(output_dir, step):
     if is_main():
         with open(os.path.join(output_dir, COMPLETE), "w") as f:
             json.dump({"step": step, "peak_memory_bytes": peak}, f)
+    if dist.is_initialized():  # every rank is done with collectives before any tears its process group down (a
+        dist.barrier()  # gloo rank that exited first once aborted the other's teardown: "terminate called ...")
 
 
 def append_jsonl(output_dir, name, records):
