@@ -19,7 +19,6 @@ slack (PyTorch's caching allocator: typically 5-15%), which the fit check adds a
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -147,14 +146,15 @@ def advice(a, s, rm):
 
 
 def measure(cmd, env):
-    """Peak RSS (bytes) of a child and its descendants (torchrun's ranks: the largest one)."""
+    """Peak RSS (bytes) of a child and its descendants (torchrun's ranks: the largest one), from wait4 alone:
+    RUSAGE_CHILDREN would carry the largest of every earlier child."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         if status:
             log.seek(0)
             sys.exit(f"failed: {' '.join(cmd)}\n{log.read().decode(errors='replace')[-2000:]}")
-    return max(usage.ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+    return usage.ru_maxrss * 1024
 
 
 def validate(a):
