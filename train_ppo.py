@@ -321,15 +321,12 @@ def ppo_order(step, epoch):
 
 
 @torch.no_grad()
-def as_updated(model, ids, mask, tokens, cmask, order, values=False):
-    """(B, T) log-probs (or values) of model, micro-batch by micro-batch of `order`, the first epoch's: the very
-    computation of the first update. So under bf16 its ratio is exactly 1, the value clip idle, and a reference
-    equal to the policy gives a KL of exactly 0 (other chunking rounds otherwise)."""
+def old_values(ids, mask, tokens, cmask, chunks):
+    """V_old (B, T) per micro-batch of the first epoch, as its first update computes them (value clip idle)."""
     out = torch.zeros(tokens.shape, device=device)
     with autocast():
-        for r in order.split(args.per_device_train_batch_size):
-            out[r] = (nr.token_values(model, ids[r], mask[r], tokens[r]) if values else
-                      nr.completion_logprobs(model, ids[r], mask[r], tokens[r], args.temperature).float())
+        for r in chunks:
+            out[r] = nr.token_values(value_reader, ids[r], mask[r], tokens[r])
     return out * cmask
 
 
@@ -365,10 +362,11 @@ for step in range(start_step, total_steps):
                      nr.token_values(value, ids, mask, tokens))
         old, values = first[0].detach().float() * cmask, first[2].detach() * cmask
     order = torch.arange(local_batch) if on_policy else ppo_order(step, 0)
-    if not on_policy:
-        old = as_updated(sampler, ids, mask, tokens, cmask, order)  # (B, T)
-        values = as_updated(value_reader, ids, mask, tokens, cmask, order, values=True)
-    ref_lp = as_updated(ref, ids, mask, tokens, cmask, order)
+    chunks = order.split(micro)  # the first epoch's micro-batches, as its first update computes them: under bf16
+    if not on_policy:  # its ratio is exactly 1, and a reference equal to the policy gives a KL of exactly 0
+        old = rl.logprobs(sampler, ids, mask, tokens, cmask, chunks)  # (B, T)
+        values = old_values(ids, mask, tokens, cmask, chunks)
+    ref_lp = rl.logprobs(ref, ids, mask, tokens, cmask, chunks)
     scores, _, _ = scorer([train_prompts[i] for i in idx], ids, mask, tokens, cmask)
     # 2. per-token rewards: KL penalty at every token, the score at the last real one; GAE (no gradient)
     kl = nr.kl_estimators(old, ref_lp, cmask)[args.kl_estimator]  # (B, T), 0 after EOS

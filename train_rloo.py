@@ -296,16 +296,6 @@ def ppo_order(step, epoch):
     return torch.randperm(local_batch, generator=torch.Generator().manual_seed(args.seed + step * 1000 + epoch))
 
 
-@torch.no_grad()
-def logprobs_as_updated(model, ids, mask, tokens, cmask, order):
-    """(B, T) log-probs of model, micro-batch by micro-batch of `order`, the first epoch's: the very computation
-    (rows, function, precision) of the first update. Old policy and reference alike: under bf16 the first ratio is
-    exactly 1, and a reference equal to the policy gives a KL of exactly 0 (other chunking rounds otherwise)."""
-    lp = torch.zeros(tokens.shape, device=device)
-    with autocast():
-        for rows in order.split(args.per_device_train_batch_size):
-            lp[rows] = nr.completion_logprobs(model, ids[rows], mask[rows], tokens[rows], args.temperature).float()
-    return lp * cmask
 
 
 # ----------------------------------------------------------------------------- loop
@@ -331,9 +321,12 @@ for step in range(start_step, total_steps):
             first = nr.completion_logprobs(policy, ids, mask, tokens, args.temperature, with_entropy=True)
         old = first[0].detach().float() * cmask
     order = torch.arange(local_batch) if on_policy else ppo_order(step, 0)
+    # the first epoch's micro-batches, as its first update computes them: under bf16 its ratio is exactly 1, and a
+    # reference equal to the policy gives a KL of exactly 0
+    chunks = order.split(micro)
     if not on_policy:
-        old = logprobs_as_updated(sampler, ids, mask, tokens, cmask, order)  # (k*B, T)
-    ref_lp = logprobs_as_updated(ref, ids, mask, tokens, cmask, order)
+        old = rl.logprobs(sampler, ids, mask, tokens, cmask, chunks)  # (k*B, T)
+    ref_lp = rl.logprobs(ref, ids, mask, tokens, cmask, chunks)
     scores, _, _ = scorer([train_prompts[i] for i in idx] * k, ids, mask, tokens, cmask)
     if args.normalize_reward:
         scores = nr.global_whiten(scores).clamp(-args.reward_clip_range, args.reward_clip_range)

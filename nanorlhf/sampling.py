@@ -181,12 +181,15 @@ class Rollouts:
         return ids, mask, tokens, torch.cat([F.pad(o[1], (0, T - o[1].shape[1])) for o in outs])
 
     @torch.no_grad()
-    def logprobs(self, model, ids, mask, tokens, cmask):
-        """Per-token log-probs at the sampling temperature, float32, 0 after EOS: (B, T)."""
+    def logprobs(self, model, ids, mask, tokens, cmask, chunks=None):
+        """Per-token log-probs at the sampling temperature, float32, 0 after EOS: (B, T). chunks: the row indices
+        run together (default: runs of batch_size rows); an update's own micro-batches give the update's numbers
+        exactly (under bf16 other chunks round otherwise)."""
+        lp = torch.zeros(tokens.shape, device=tokens.device)
         with self.autocast():
-            lp = torch.cat([completion_logprobs(model, ids[i:i + self.n], mask[i:i + self.n], tokens[i:i + self.n],
-                                                self.temperature) for i in range(0, len(ids), self.n)])
-        return lp.float() * cmask
+            for rows in torch.arange(len(ids)).split(self.n) if chunks is None else chunks:
+                lp[rows] = completion_logprobs(model, ids[rows], mask[rows], tokens[rows], self.temperature).float()
+        return lp * cmask
 
     @torch.no_grad()
     def evaluate(self, step, ref, scorer, prompts, prompt_ids, *, seed, tracker, gold_reward=None):
