@@ -192,25 +192,39 @@ baselines = {path: baseline_of(path) for path in args.model_name_or_path}  # ref
 
 
 # ----------------------------------------------------------------------------- data
-tokenizer = nr.load_tokenizer(args.model_name_or_path[0])
+tokenizers = {}  # each model and its baseline read the prompts and write completions with their own tokenizer
+
+
+def tokenizer_of(path, gguf=None):
+    if (path, gguf) not in tokenizers:
+        tokenizers[(path, gguf)] = nr.load_tokenizer(path, gguf)
+    return tokenizers[(path, gguf)]
+
+
+for path in args.model_name_or_path:
+    tok, (base_path, base_gguf, _) = tokenizer_of(path), baselines[path]
+    if tok.get_vocab() != tokenizer_of(base_path, base_gguf).get_vocab():
+        raise nr.InputError(f"{path}: its tokenizer is not its baseline {base_path}'s: a model and its baseline must "
+                            "share one (their KL and paired samples compare token by token)")
 prompts = nr.prompts_of(nr.load_rows(args.dataset_name, args.dataset_test_split),
                         f"{args.dataset_name} [{args.dataset_test_split}]")
-rows, dropped = nr.tokenize_prompts(tokenizer, prompts, args.max_prompt_length)
-rows = rows[:args.num_prompts]
-if not rows:
-    raise nr.InputError(f"{args.dataset_name} [{args.dataset_test_split}]: no prompts to evaluate ({dropped} dropped "
-                        f"> max_prompt_length {args.max_prompt_length})")
-prompts, prompt_ids = [prompts[i] for i, _ in rows], [ids for _, ids in rows]
-mine = [(i, j) for i in range(rank, len(prompt_ids), world_size) for j in range(args.num_samples)]  # this rank's rows
+encoded = {key: dict(nr.tokenize_prompts(tok, prompts, args.max_prompt_length)[0]) for key, tok in tokenizers.items()}
+fit = sorted(set.intersection(*map(set, encoded.values())))  # within max_prompt_length for every tokenizer
+if not fit:
+    raise nr.InputError(f"{args.dataset_name} [{args.dataset_test_split}]: no prompts to evaluate (all {len(prompts)} "
+                        f"longer than max_prompt_length {args.max_prompt_length})")
+dropped, keep = len(prompts) - len(fit), fit[:args.num_prompts]
+prompts, prompt_ids = [prompts[i] for i in keep], {key: [e[i] for i in keep] for key, e in encoded.items()}
+mine = [(i, j) for i in range(rank, len(prompts), world_size) for j in range(args.num_samples)]  # this rank's rows
 seeds = [nr.rollout_seeds(args.seed, [i], j)[0] for i, j in mine]
 base_seeds = [nr.rollout_seeds(f"{args.seed}:baseline", [i], j)[0] for i, j in mine]  # independent of `seeds`
-nr.print0(f"{len(prompt_ids)} prompts x {args.num_samples} samples ({dropped} dropped > max_prompt_length), "
+nr.print0(f"{len(prompts)} prompts x {args.num_samples} samples ({dropped} dropped > max_prompt_length), "
           f"{args.max_new_tokens} new tokens at temperature {args.temperature}, over {world_size} processes")
 
 # ----------------------------------------------------------------------------- models
 scorer = None
 if not args.preference_fn:
-    scorer = nr.Scorer(tokenizer, args.reward_model_path, args.reward_fn, device=device,
+    scorer = nr.Scorer(next(iter(tokenizers.values())), args.reward_model_path, args.reward_fn, device=device,
                        batch_size=args.local_rollout_forward_batch_size, missing_eos_penalty=args.missing_eos_penalty)
 preference_fn = nr.load_function(args.preference_fn) if args.preference_fn else None
 judge = args.reward_model_path or args.reward_fn or args.preference_fn
@@ -221,9 +235,8 @@ def load_policy(path, gguf=None, baseline=None):
     """A frozen causal LM; baseline: (path, model) of the baseline whose vocabulary it must share."""
     model = nr.load_hf(AutoModelForCausalLM, path, gguf).eval().requires_grad_(False).to(device)
     vocab = model.config.vocab_size
-    if vocab < len(tokenizer):
-        raise nr.InputError(f"{path}: vocabulary of {vocab} tokens, {args.model_name_or_path[0]}'s tokenizer has "
-                            f"{len(tokenizer)}: every model must share that tokenizer")
+    if vocab < len(tokenizer_of(path, gguf)):
+        raise nr.InputError(f"{path}: vocabulary of {vocab} tokens, its tokenizer has {len(tokenizer_of(path, gguf))}")
     if baseline is not None and vocab != baseline[1].config.vocab_size:
         raise nr.InputError(f"{path}: vocabulary of {vocab} tokens, its baseline {baseline[0]} has "
                             f"{baseline[1].config.vocab_size}: a model and its baseline must share one tokenizer")
@@ -231,17 +244,19 @@ def load_policy(path, gguf=None, baseline=None):
 
 
 # ----------------------------------------------------------------------------- helpers
-def rollouts(model):
+def rollouts(model, tokenizer):
     return nr.Rollouts(model, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, bf16=use_bf16,
                        eos_token_id=[tokenizer.eos_token_id] if args.stop_token == "eos" else [])
 
 
-def samples(rl, seeds):
-    """(ids, mask, tokens, cmask, completion texts, scores or None) of this rank's rows, sampled by Rollouts rl."""
-    ids, mask, tokens, cmask = rl.sample([prompt_ids[i] for i, _ in mine], seeds)
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    s = None if scorer is None else scorer([prompts[i] for i, _ in mine], ids, mask, tokens, cmask)[0]
+def samples(rl, seeds, key):
+    """(ids, mask, tokens, cmask, completion texts, scores or None) of this rank's rows, sampled by Rollouts rl
+    from the prompts as the tokenizer tokenizers[key] encodes them."""
+    ids, mask, tokens, cmask = rl.sample([prompt_ids[key][i] for i, _ in mine], seeds)
+    texts = rl.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    s = None if scorer is None else scorer.with_tokenizer(rl.tokenizer)(
+        [prompts[i] for i, _ in mine], ids, mask, tokens, cmask)[0]
     return ids, mask, tokens, cmask, texts, s
 
 
@@ -273,13 +288,15 @@ def write_atomic(name, text):
 results, all_rows = [], []
 for path in args.model_name_or_path:
     base_path, base_gguf, is_ref = baselines[path]
+    tokenizer = tokenizer_of(path)
     if (base_path, base_gguf) not in loaded:
         base = load_policy(base_path, base_gguf)
-        loaded[(base_path, base_gguf)] = (base, samples(rollouts(base), base_seeds))
+        loaded[(base_path, base_gguf)] = (base, samples(rollouts(base, tokenizer_of(base_path, base_gguf)), base_seeds,
+                                                        (base_path, base_gguf)))
     base, (_, _, b_tokens, b_cmask, b_texts, b_scores) = loaded[(base_path, base_gguf)]
     model = load_policy(path, baseline=(base_path, base))
-    rl = rollouts(model)
-    ids, mask, tokens, cmask, texts, scores = samples(rl, seeds)
+    rl = rollouts(model, tokenizer)
+    ids, mask, tokens, cmask, texts, scores = samples(rl, seeds, (path, None))
     kl = nr.kl_estimators(rl.logprobs(model, ids, mask, tokens, cmask), rl.logprobs(base, ids, mask, tokens, cmask),
                           cmask)
     p_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -298,7 +315,7 @@ for path in args.model_name_or_path:
         "baseline_score": None if b_scores is None else b_scores[n].item(), "prompt": p_texts[n],
         "completion": texts[n], "baseline_completion": b_texts[n]} for n, (i, j) in enumerate(mine)])
     r = {"model": path, "baseline": base_path, "baseline_is_reference": is_ref, "judge": judge,
-         "prompts": len(prompt_ids), "samples_per_prompt": args.num_samples}
+         "prompts": len(prompts), "samples_per_prompt": args.num_samples}
     win, lo, hi = nr.win_rate_interval(per_prompt(records, "outcome"))
     r.update(win_rate=win, win_rate_ci=[lo, hi])
     if scores is not None:
@@ -306,9 +323,9 @@ for path in args.model_name_or_path:
             rec["score_diff"] = rec["score"] - rec["baseline_score"]
         for key in ("score", "baseline_score", "score_diff"):
             m, lo, hi = nr.mean_interval(per_prompt(records, key))
-            r.update({key: m, key + "_ci": None if len(prompt_ids) < 2 else [lo, hi]})  # one prompt: no interval
+            r.update({key: m, key + "_ci": None if len(prompts) < 2 else [lo, hi]})  # one prompt: no interval
     for key in ("kl_k1", "kl_k3", "length", "baseline_length", "eos", "baseline_eos"):
-        r[key] = sum(per_prompt(records, key)) / len(prompt_ids)
+        r[key] = sum(per_prompt(records, key)) / len(prompts)
     results.append(r)
     all_rows += [{"model": path, **rec} for rec in records]
     nr.print0(f"{path}: win rate {win:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] vs {base_path}, "
@@ -326,7 +343,7 @@ for r in results:
                  f"| {fmt(r.get('score_diff'), r.get('score_diff_ci'))} | {r['kl_k1']:.3f} / {r['kl_k3']:.3f}"
                  f"{kl_note} | {r['length']:.1f} ({r['baseline_length']:.1f}) | {r['eos']:.2f} "
                  f"({r['baseline_eos']:.2f}) |")
-header = (f"judge: {judge}; {len(prompt_ids)} prompts of {args.dataset_name} [{args.dataset_test_split}] x "
+header = (f"judge: {judge}; {len(prompts)} prompts of {args.dataset_name} [{args.dataset_test_split}] x "
           f"{args.num_samples} samples; baseline: {', '.join(sorted({r['baseline'] for r in results}))}\n\n")
 write_atomic("eval.md", header + "\n".join(table) + "\n")
 write_atomic("eval.json", json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results}, indent=1))

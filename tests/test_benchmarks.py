@@ -46,3 +46,23 @@ def test_gpu_check_skips_without_cuda():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py")], capture_output=True,
                        text=True, env=env(), timeout=120)
     assert r.returncode == 0 and "no CUDA device: skipped" in r.stdout and "save + --resume" in r.stdout
+
+
+def test_gpu_check_random_model_of_a_preset_shape_trains(world_root, tmp_path, monkeypatch):
+    """gpu_check.py's "scale" part on CPU at a tiny shape: the random-initialized folder of a memory_plan preset
+    (the tokenizer's vocabulary, bf16 on disk) loads and trains one RLOO step under the script."""
+    import gpu_check
+    import torch
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setitem(mp.PRESETS, "tiny", (64, 128, 2, 4, 2, 151936, True))
+    folder = tmp_path / "tiny"
+    cfg = gpu_check.random_model("tiny", (os.path.join(world_root, "policy"), None), str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert cfg.vocab_size == model.config.vocab_size < 151936  # the world tokenizer's, not Qwen's
+    assert next(model.parameters()).dtype == torch.bfloat16 and mp.shape(cfg)["layers"] == 2
+    from scripts import metrics, run
+    run("train_rloo.py", "--model_name_or_path", folder, "--dataset_name", os.path.join(world_root, "prompts"),
+        "--reward_fn", "nanorlhf.world:gold_reward", "--per_device_train_batch_size", 4, "--rloo_k", 2,
+        "--total_episodes", 4, "--response_length", 8, "--num_eval_prompts", 0, "--num_sample_generations", 0,
+        "--save_steps", 0, "--output_dir", tmp_path / "out")
+    assert [r["step"] for r in metrics(tmp_path / "out") if "objective/kl" in r] == [1]

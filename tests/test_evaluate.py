@@ -81,18 +81,53 @@ def _fails(*args, pythonpath=()):
     return fails(SCRIPT, *args, pythonpath=pythonpath)
 
 
+def test_each_model_with_its_own_tokenizer(world_root, trained, tmp_path):
+    # a second policy whose tokenizer encodes the prompts otherwise ("happy rain" is one token): in one evaluation
+    # with the first, each model reads and writes with its own tokenizer, so each result is the one it gets alone
+    import shutil
+    import torch
+    from transformers import AutoModelForCausalLM
+    import nanorlhf as nr
+    tok = nr.load_tokenizer(os.path.join(world_root, "policy"))
+    assert tok.add_tokens(["happy rain"]) == 1
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(world_root, "policy"), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok))
+    for folder in ("b0", "b"):
+        model.save_pretrained(tmp_path / folder)
+        tok.save_pretrained(tmp_path / folder)
+    (tmp_path / "b" / "args.json").write_text(json.dumps({"model_name_or_path": str(tmp_path / "b0")}))
+    run(SCRIPT, "--model_name_or_path", trained, tmp_path / "b", "--output_dir", tmp_path / "both", *FAST)
+    run(SCRIPT, "--model_name_or_path", tmp_path / "b", "--output_dir", tmp_path / "alone", *FAST)
+    run(SCRIPT, "--model_name_or_path", trained, "--output_dir", tmp_path / "first", *FAST)
+    both = results(tmp_path / "both")
+    assert both == results(tmp_path / "first") + results(tmp_path / "alone")
+    assert both[1]["kl_k1"] == 0.0  # b is b0: a model against its own copy
+    rows = [json.loads(line) for line in (tmp_path / "both" / "eval_samples.jsonl").read_text().splitlines()]
+    assert any("happy rain" in r["prompt"] for r in rows if r["model"] == str(tmp_path / "b"))
+    shutil.rmtree(tmp_path / "b0")
+
+
 def test_bad_inputs(world_root, trained, tmp_path, monkeypatch):
     out = ["--output_dir", tmp_path / "o", *FAST]
     assert "pass --model_name_or_path" in _fails(*out)
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
     cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     LlamaForSequenceClassification(LlamaConfig(vocab_size=32, num_labels=1, **cfg)).save_pretrained(tmp_path / "rm")
+    __import__("nanorlhf").load_tokenizer(trained).save_pretrained(tmp_path / "rm")
     err = _fails("--model_name_or_path", trained, tmp_path / "rm", "--baseline_model_path", trained, *out)
     assert "rm: a sequence classifier" in err
     assert "no config.json" in _fails("--model_name_or_path", tmp_path, "--baseline_model_path", trained, *out)
     LlamaForCausalLM(LlamaConfig(vocab_size=99, **cfg)).save_pretrained(tmp_path / "v99")
+    assert "v99: cannot load a tokenizer" in _fails("--model_name_or_path", trained, "--baseline_model_path",
+                                                    tmp_path / "v99", *out)
+    nr_tok = __import__("nanorlhf").load_tokenizer(trained)
+    nr_tok.save_pretrained(tmp_path / "v99")
     err = _fails("--model_name_or_path", trained, "--baseline_model_path", tmp_path / "v99", *out)
     assert f"its baseline {tmp_path / 'v99'} has 99: a model and its baseline must share one tokenizer" in err
+    nr_tok.add_tokens(["happy rain"])  # another tokenizer: refused as the baseline of a model with the first
+    nr_tok.save_pretrained(tmp_path / "v99")
+    err = _fails("--model_name_or_path", trained, "--baseline_model_path", tmp_path / "v99", *out)
+    assert f"{trained}: its tokenizer is not its baseline {tmp_path / 'v99'}'s" in err
     (tmp_path / "judges.py").write_text(
         "def short(prompts, completions):\n    return [0.0]\n"
         "def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n"
@@ -106,7 +141,7 @@ def test_bad_inputs(world_root, trained, tmp_path, monkeypatch):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": "happy " * 600}) + "\n")
     err = _fails("--model_name_or_path", trained, "--dataset_name", tmp_path / "empty.jsonl", "--dataset_test_split",
                  "train", "--reward_fn", "nanorlhf.world:gold_reward", "--max_prompt_length", 64, *out)
-    assert "no prompts to evaluate (1 dropped > max_prompt_length 64)" in err
+    assert "no prompts to evaluate (all 1 longer than max_prompt_length 64)" in err
     assert "no args.json naming the model it was trained from" in _fails("--model_name_or_path", tmp_path / "v99",
                                                                           *out)
     assert "pass --plot (run folders to draw) or --model_name_or_path" in _fails("--plot", trained,

@@ -1,5 +1,5 @@
-"""examples/hh_smollm2.py's split of the real hh-rlhf pairs (skipped without ../shared): no conversation in two
-parts, TRL's conversational format, the reward model's and the judge's pairs as --judge says."""
+"""examples/hh_smollm2.py's data (shipped, checksummed) and its split of the real hh-rlhf pairs: no conversation in
+two parts, TRL's conversational format, the reward model's and the judge's pairs as --judge says."""
 import importlib.util
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 
 from scripts import ROOT
 
-HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
+HH = os.path.join(ROOT, "examples", "data", "hh-rlhf", "harmless-base-dev.jsonl.gz")
 
 
 def _example():
@@ -23,7 +23,17 @@ def _rows(out, folder, split):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.skipif(not os.path.exists(HH), reason="needs ../shared hh-rlhf data")
+def test_the_shipped_pairs_are_the_documented_file():
+    import hashlib
+    with open(HH, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest == "4de27b135dc8e79e21f60c82038cd4daa2e41a321e41e109beb55179d7ac9f91"  # examples/data/hh-rlhf/SOURCE.md
+    with open(os.path.join(os.path.dirname(HH), "SOURCE.md")) as f:
+        assert digest in f.read()
+    with open(os.path.join(os.path.dirname(HH), "LICENSE")) as f:
+        assert f.read().startswith("MIT License") and _example().HH == HH
+
+
 @pytest.mark.parametrize("judge", ["seed", "half"])
 def test_split(tmp_path, judge):
     hh = _example()

@@ -1,0 +1,58 @@
+"""A run owns its folder and never destroys what it did not write: one run per folder (an OS lock a killed run
+does not leave stuck), no training in place, resume rewinds only its own logs, no run of zero steps."""
+import os
+import subprocess
+import sys
+import time
+
+from scripts import ROOT, env, run
+
+RLOO = ["--per_device_train_batch_size", 8, "--response_length", 8, "--num_eval_prompts", 0,
+        "--num_sample_generations", 0]
+
+
+def _refused(r, code=1):
+    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.stderr
+
+
+def test_a_busy_folder_is_refused_and_a_killed_runs_lock_is_not(world_root, tmp_path):
+    out = tmp_path / "r"
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_rloo.py"), "--output_dir", str(out), *map(
+        str, RLOO + ["--total_episodes", 80000, "--save_steps", 1])], env=env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-1").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the test could use its folder"
+        for flags, procs in (["--overwrite_output_dir"], 1), (["--resume"], 1), (["--overwrite_output_dir"], 2):
+            r = run("train_rloo.py", "--output_dir", out, *RLOO, "--total_episodes", 8, *flags, procs=procs,
+                    check=False)
+            err = _refused(r) if procs == 1 else r.stderr  # (torchrun adds its own ChildFailedError traceback)
+            assert r.returncode == 1 and err.count("Traceback") == (procs > 1), err[-3000:]
+            assert f"--output_dir {out} is in use by a running run (pid {first.pid} " in err, err
+            assert err.count("is in use") == procs  # each rank: one line, no rank left waiting
+        assert first.poll() is None  # the refused runs touched nothing: the first still trains
+    finally:
+        first.kill()
+        first.wait()
+    run("train_rloo.py", "--output_dir", out, *RLOO, "--total_episodes", 8, "--overwrite_output_dir")  # lock freed
+
+
+def test_training_in_place_is_refused(world_root, tmp_path):
+    policy = os.path.join(world_root, "policy")
+    link = tmp_path / "link"
+    link.symlink_to(policy)
+    for flag in ("--model_name_or_path", "--sft_model_path"):
+        r = run("train_rloo.py", flag, policy, "--output_dir", link, "--overwrite_output_dir", *RLOO,
+                "--total_episodes", 8, check=False)
+        assert f"--output_dir {link} is the folder of --" in (err := _refused(r, 2)) and f" {policy}: a run " in err
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "x").mkdir()
+    other = os.path.relpath(tmp_path / "x" / ".." / "rm")  # relative, through another folder
+    r = run("train_rloo.py", "--reward_model_path", tmp_path / "rm", "--output_dir", other, "--overwrite_output_dir",
+            *RLOO, "--total_episodes", 8, check=False)
+    assert f"--output_dir {other} is the folder of --reward_model_path" in _refused(r, 2)
+    assert os.path.exists(os.path.join(policy, "model.safetensors"))
