@@ -156,8 +156,9 @@ if args.plot:
     raise SystemExit(0)
 if not args.model_name_or_path:
     nr.usage_error("pass --model_name_or_path with one or more trained policies (or --plot with run folders)")
-if args.num_samples < 1:
-    nr.usage_error(f"--num_samples must be >= 1, got {args.num_samples}")
+for flag in ("num_samples", "num_prompts"):
+    if getattr(args, flag) < 1:
+        nr.usage_error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
 if args.stop_token not in (None, "eos"):
     nr.usage_error(f"--stop_token must be 'eos' or none, got {args.stop_token!r}")
 rank, world_size, device = nr.init_distributed()
@@ -346,7 +347,8 @@ for r in results:
 header = (f"judge: {judge}; {len(prompts)} prompts of {args.dataset_name} [{args.dataset_test_split}] x "
           f"{args.num_samples} samples; baseline: {', '.join(sorted({r['baseline'] for r in results}))}\n\n")
 write_atomic("eval.md", header + "\n".join(table) + "\n")
-write_atomic("eval.json", json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results}, indent=1))
+write_atomic("eval.json", json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results}, indent=1,
+                                     allow_nan=False))  # strict JSON: a statistic without a value is null, never NaN
 write_atomic("eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
 nr.print0(header + "\n".join(table))
 nr.print0(f"wrote {args.output_dir}/eval.json, eval.md, eval_samples.jsonl")

@@ -234,6 +234,8 @@ except nr.MissingSplit as e:
     eval_prompts, eval_ids = [], []
 total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_ids))
 total_steps = math.ceil(total_episodes / batch_size)
+nr.require_steps(total_steps, f"--total_episodes {args.total_episodes}, --num_train_epochs {args.num_train_epochs}: "
+                               f"{total_episodes} completions at {batch_size} per step")
 nr.print0(f"batch: {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation = "
           f"{local_batch} prompts and completions/process in {args.num_mini_batches} mini-batches; x {world_size} "
           f"processes = {batch_size} completions/step; {total_episodes} episodes = {total_steps} steps of "

@@ -184,6 +184,8 @@ if len(train_rows) < global_batch:
                         f"{world_size} processes x gradient_accumulation_steps {accum})")
 steps_per_epoch = len(train_rows) // global_batch  # the last partial batch of an epoch is dropped
 total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+nr.require_steps(total_steps, f"--max_steps {args.max_steps}, --num_train_epochs {args.num_train_epochs} of "
+                               f"{steps_per_epoch} steps")
 nr.print0(f"batch: {micro} pairs x {world_size} processes x {accum} accumulation = {global_batch} pairs/step; "
           f"{steps_per_epoch} steps/epoch, {total_steps} steps")
 

@@ -230,6 +230,8 @@ except nr.MissingSplit as e:
     eval_prompts, eval_ids = [], []
 total_episodes = args.total_episodes or int(args.num_train_epochs * len(train_ids))
 total_steps = math.ceil(total_episodes / batch_size)
+nr.require_steps(total_steps, f"--total_episodes {args.total_episodes}, --num_train_epochs {args.num_train_epochs}: "
+                               f"{total_episodes} completions at {batch_size} per step")
 nr.print0(f"batch: {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
           f"{args.num_mini_batches} mini-batches = {local_batch} completions/process ({local_prompts} prompts x k="
           f"{args.rloo_k}); x {world_size} processes = {batch_size} completions/step; {total_episodes} episodes = "

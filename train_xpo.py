@@ -208,6 +208,8 @@ except nr.MissingSplit as e:
     nr.print0(f"no eval split ({e})")
     eval_prompts, eval_ids = [], []
 total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * len(train_ids) / batch_size)
+nr.require_steps(total_steps, f"--max_steps {args.max_steps}, --num_train_epochs {args.num_train_epochs} of "
+                               f"{len(train_ids)} prompts at {batch_size} per step")
 nr.print0(f"batch: {micro} prompts x {accum} accumulation x {world_size} processes = {batch_size} prompts/step, "
           f"each with a policy and a {args.second_sample} completion; {total_steps} steps")
 

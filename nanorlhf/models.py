@@ -85,8 +85,14 @@ def save_adapter(model, tokenizer, output_dir, merge=False):
     if merge:
         peft_model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):  # configs last
-        if os.path.isdir(os.path.join(output_dir, name)):
-            shutil.rmtree(os.path.join(output_dir, name))
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
+    _move_into(tmp, output_dir)
+    shutil.rmtree(tmp)
+
+
+def _move_into(src, dst):
+    """Each file of src replaces dst's (os.replace: atomic), folders too, file by file, configs last: at every moment
+    dst holds a whole adapter or model, the old or the new; nothing is deleted before its replacement is in."""
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src), key=lambda n: n in ("config.json", "adapter_config.json")):
+        move = _move_into if os.path.isdir(os.path.join(src, name)) else os.replace
+        move(os.path.join(src, name), os.path.join(dst, name))

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch.distributed as dist
 
 from .config import InputError, usage_error
-from .dist import checkpoints, is_main, load_checkpoint, print0, save_checkpoint, set_rng_state
+from .dist import all_reduce_metrics, checkpoints, is_main, load_checkpoint, print0, save_checkpoint, set_rng_state
 
 # flags that change neither the data a step sees nor the update it makes: free to differ on --resume
 FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps", "eval_steps", "save_steps",
@@ -42,38 +42,35 @@ def _differences(saved, args, world_size, resume=False):
 
 
 INPUTS = ("model_name_or_path", "sft_model_path", "reward_model_path", "value_model_path")  # folders a run reads
-_lock_file = None  # rank 0's open, locked OUT/.lock: the run owns its folder until the process ends (even killed)
+_lock_file = None  # rank 0's open, locked OUT/.lock: the run owns its folder until its process ends (even killed)
 
 
 def _lock(out):
-    """Rank 0 takes an exclusive OS lock (flock) on out/.lock, held until its process ends, and writes who holds it;
+    """Rank 0 takes an exclusive OS lock (flock; POSIX) on out/.lock until its process ends, naming itself in it;
     returns None, or the holder's line when another live process holds it (the OS frees a killed one's lock)."""
     global _lock_file
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock
-        return None
+    import fcntl
     path = os.path.realpath(os.path.join(out, ".lock"))
-    if _lock_file is not None:  # one run per process: this process's earlier run (a test calling scripts in-process)
-        if _lock_file.name == path:
-            return None
+    if _lock_file is not None and _lock_file.name != path:  # one run per process (tests call scripts in-process)
         _lock_file.close()
-        _lock_file = None
-    f = open(path, "a+")
+    elif _lock_file is not None:
+        return None
+    _lock_file = f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        holder, _lock_file = f.read().strip() or "another process", f.close()
         return holder
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} ({os.path.basename(sys.argv[0])}, since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, {os.path.basename(sys.argv[0])}, since {time.ctime()}\n")
     f.flush()
-    _lock_file = f
-    return None
+
+
+def require_steps(total_steps, why):
+    """Refuse a run that would take no step: it would save the untouched initial model as the trained one."""
+    if total_steps < 1:
+        usage_error(f"{why}: the run would take no step (it would save the initial model as trained)")
 
 
 def check_output_dir(args, world_size):
@@ -98,7 +95,7 @@ def check_output_dir(args, world_size):
     except OSError as e:
         raise InputError(f"--output_dir {out}: cannot write there ({e.strerror or e})") from e
     holder = [_lock(out) if is_main() else None]
-    if dist.is_initialized():  # every rank learns whether the folder is busy (and has probed it before anyone
+    if dist.is_initialized():  # every rank learns what rank 0 found (and has probed the folder before anyone
         dist.broadcast_object_list(holder, src=0)  # changes it)
     if holder[0]:
         raise InputError(f"--output_dir {out} is in use by a running run ({holder[0]}): wait for it to end, or use "
@@ -134,7 +131,7 @@ def check_output_dir(args, world_size):
 def start_run(args, world_size, replace):
     """Once everything has loaded: remove a replaced run's checkpoints and logs, write args.json (flags and
     number of processes, what --resume checks); the peak memory counts from here (training, not loading)."""
-    _reset_peak_memory()
+    _peak_memory(reset=True)
     out = args.output_dir
     if is_main():
         for name in os.listdir(out) if replace else []:  # (check_output_dir made the folder)
@@ -149,41 +146,27 @@ def start_run(args, world_size, replace):
         dist.barrier()  # rank 0 is done cleaning before anyone writes
 
 
-def _reset_peak_memory():
+def _peak_memory(reset=False):
+    """Bytes since the last reset: the accelerator's peak allocation, or on a CPU the peak resident set size (Linux:
+    VmHWM, reset by writing 5 to clear_refs; elsewhere None)."""
     import torch
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def _peak_memory():
-    """Bytes: the accelerator's peak allocation, or on a CPU the peak resident set size (VmHWM, Linux; else None),
-    both since start_run."""
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.reset_peak_memory_stats() if reset else torch.cuda.max_memory_allocated()
     try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                return f.write("5") and None
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
         return None
 
 
 def finish_run(output_dir, step):
     """Mark the run complete, with the largest peak memory of any rank during training (what
     benchmarks/memory_plan.py --validate and gpu_check.py compare with the plan; see _peak_memory)."""
-    import torch
-    peak = _peak_memory()
-    if dist.is_initialized():  # also keeps every rank here until all are done with collectives (a gloo rank that
-        t = torch.tensor([peak or 0], dtype=torch.float64,  # exited first once aborted the other's teardown)
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        peak = int(t.item()) if peak is not None else None
+    peak = _peak_memory()  # a collective: every rank stays until all are done with collectives (a gloo rank that
+    peak = peak and int(all_reduce_metrics({"peak": peak}, op="max")["peak"])  # left first aborted one's teardown)
     if is_main():
         with open(os.path.join(output_dir, COMPLETE), "w") as f:
             json.dump({"step": step, "peak_memory_bytes": peak}, f)
@@ -244,64 +227,3 @@ def load_training_state(output_dir, model, optimizer, scheduler, extra=None):
         dist.barrier()
     print0(f"resumed from {path} at step {step}")
     return step
-
-
-class Tracker:
-    """Where a run's records go: output_dir/metrics.jsonl and samples.jsonl always, and on rank 0 the trackers of
-    --report_to (wandb, tensorboard, trackio) with the same names at the same step, the run's arguments as their
-    config and sample tables as their table type. Opened at the first record (after start_run has cleaned the
-    folder); each reads its own environment (WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE, TRACKIO_PROJECT, ...)."""
-
-    def __init__(self, args):
-        self.args, self.out, self.open = args, args.output_dir, None
-        self.names = [n for n in getattr(args, "report_to", []) if n != "none"] if is_main() else []
-        self.run_name = getattr(args, "run_name", "") or os.path.basename(os.path.normpath(args.output_dir))
-
-    def _start(self):
-        self.open, config = {}, asdict(self.args)
-        if "wandb" in self.names:  # the modules' own log / Table / finish act on the run they started
-            import wandb
-            wandb.init(project=os.environ.get("WANDB_PROJECT", "nanorlhf"), name=self.run_name, config=config,
-                       dir=self.out)
-            self.open["wandb"] = wandb
-        if "tensorboard" in self.names:
-            from torch.utils.tensorboard import SummaryWriter
-            self.open["tensorboard"] = SummaryWriter(os.path.join(self.out, "tensorboard", self.run_name))
-            self.open["tensorboard"].add_text("args", "    " + json.dumps(config, indent=1).replace("\n", "\n    "))
-        if "trackio" in self.names:
-            import trackio
-            trackio.init(project=os.environ.get("TRACKIO_PROJECT", "nanorlhf"), name=self.run_name, config=config)
-            self.open["trackio"] = trackio
-
-    def log(self, record):
-        """One metric record {"step": n, name: number, ...}."""
-        append_jsonl(self.out, "metrics.jsonl", [record])
-        if self.names:
-            if self.open is None:
-                self._start()
-            step, scalars = record["step"], {k: float(v) for k, v in record.items() if k != "step"}
-            for name, t in self.open.items():
-                if name == "tensorboard":
-                    for k, v in scalars.items():
-                        t.add_scalar(k, v, step)
-                else:
-                    t.log(scalars, step=step)
-
-    def table(self, rows):
-        """A table of samples (a list of dicts with the same keys, one of them "step")."""
-        append_jsonl(self.out, "samples.jsonl", rows)
-        if self.names and rows:
-            if self.open is None:
-                self._start()
-            step, cols = rows[0]["step"], [k for k in rows[0] if k != "step"]
-            data = [[r[k] for k in cols] for r in rows]
-            for name, t in self.open.items():
-                if name == "tensorboard":
-                    t.add_text("samples", "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
-                        "| " + " | ".join(str(x).replace("|", "/") for x in row) + " |" for row in data), step)
-                else:
-                    t.log({"samples": t.Table(columns=cols, data=data)}, step=step)
-
-    def finish(self):
-        for name, t in (self.open or {}).items():
-            t.close() if name == "tensorboard" else t.finish()

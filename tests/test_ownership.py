@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from scripts import ROOT, env, run
 
 RLOO = ["--per_device_train_batch_size", 8, "--response_length", 8, "--num_eval_prompts", 0,
@@ -56,3 +58,27 @@ def test_training_in_place_is_refused(world_root, tmp_path):
             *RLOO, "--total_episodes", 8, check=False)
     assert f"--output_dir {other} is the folder of --reward_model_path" in _refused(r, 2)
     assert os.path.exists(os.path.join(policy, "model.safetensors"))
+
+
+def test_a_run_of_zero_steps_is_refused(world_root, tmp_path):
+    from scripts import fails
+    out = ["--output_dir", tmp_path / "o"]
+    for script, flags, message in [  # the online methods and the reward model take ceil(epochs x ...) >= 1 steps
+            ("train_rloo.py", ["--total_episodes", -5], "--total_episodes -5, --num_train_epochs 1.0: -5 completions"
+                                                       " at 64 per step: the run would take no step"),
+            ("train_ppo.py", ["--total_episodes", 0, "--num_train_epochs", 0.0001], "--total_episodes 0, "
+             "--num_train_epochs 0.0001: 0 completions at 64 per step: the run would take no step"),
+            ("train_nash_md.py", ["--num_train_epochs", 0], "--num_train_epochs 0.0: must be > 0"),
+            ("train_reward.py", ["--max_steps", -1, "--num_train_epochs", -2], "--num_train_epochs -2.0: must be > 0")]:
+        err = fails(script, *out, *flags)
+        assert message in err, (script, err)
+        assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+    for n in (0, -5):
+        assert f"--num_prompts must be >= 1, got {n}" in fails("evaluate.py", "--model_name_or_path", os.path.join(
+            world_root, "policy"), "--num_prompts", n, *out)
+    run("evaluate.py", "--model_name_or_path", os.path.join(world_root, "policy"), "--baseline_model_path",
+        os.path.join(world_root, "policy"), "--num_prompts", 1, "--output_dir", tmp_path / "e")
+    import json
+    text = (tmp_path / "e" / "eval.json").read_text()
+    (r,) = json.loads(text, parse_constant=lambda c: pytest.fail(f"eval.json holds {c}"))["results"]
+    assert r["prompts"] == 1 and r["score_ci"] is None  # one prompt: no interval, and strict JSON

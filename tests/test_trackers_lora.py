@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from scripts import fails, kill_after, metrics, run, weights
+from scripts import ROOT, fails, kill_after, metrics, run, weights
 
 RLOO = ["--per_device_train_batch_size", 8, "--total_episodes", 16, "--response_length", 8, "--num_eval_prompts", 16,
         "--num_sample_generations", 0]
@@ -128,6 +128,18 @@ def test_lora_rloo_trains_the_adapter_only_and_round_trips(world_root, tmp_path)
     r = run("evaluate.py", "--model_name_or_path", tmp_path / "a", "--num_prompts", 8, "--max_new_tokens", 4,
             "--output_dir", tmp_path / "ev")
     assert "win rate" in r.stdout  # an adapter folder loads (its base from adapter_config.json, merged in)
+    # a re-save (the same command run twice) replaces the adapter file by file: stopped midway (here: a folder
+    # where a file comes), the folder still holds a whole adapter, never nothing
+    from nanorlhf.models import _move_into
+    (tmp_path / "new" / "adapter").mkdir(parents=True)
+    (tmp_path / "new" / "adapter" / "adapter_model.safetensors").write_bytes(b"new")
+    os.symlink("/nonexistent", tmp_path / "new" / "adapter" / "z")
+    os.mkdir(tmp_path / "m" / "adapter" / "z")  # a folder where a file comes: the move fails there
+    (tmp_path / "m" / "adapter" / "z" / "x").write_text("")
+    with pytest.raises(OSError):
+        _move_into(tmp_path / "new", tmp_path / "m")
+    assert (tmp_path / "m" / "adapter" / "adapter_model.safetensors").read_bytes() == b"new"  # moved in before
+    assert (tmp_path / "m" / "adapter" / "adapter_config.json").exists()  # the rest of the adapter still there
 
 
 def weights_of(path):
@@ -182,3 +194,55 @@ def test_default_sized_lora_run_raises_the_gold_reward(world_root, tmp_path):
     run("train_rloo.py", "--output_dir", tmp_path / "out", "--use_peft", "--learning_rate", 3e-3)
     evals = [r for r in metrics(tmp_path / "out") if "eval/gold_reward" in r]
     assert evals[-1]["eval/gold_reward"] > evals[0]["eval/gold_reward"] + 0.1
+
+
+def test_a_tracker_that_cannot_start_is_refused_before_the_old_run_is_deleted(world_root, tmp_path):
+    pytest.importorskip("wandb")
+    pytest.importorskip("trackio")
+    import time
+    from scripts import env
+    out = tmp_path / "o"
+    cmd = ["--output_dir", out, "--max_steps", 2, "--per_device_train_batch_size", 4]
+    run("train_reward.py", *cmd)
+    before = (out / "model.safetensors").read_bytes()
+    import http.server
+    import threading
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # 404 to wandb's API
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bare = {k: v for k, v in env().items() if not k.startswith(("WANDB_", "TRACKIO_"))}
+    cases = [("wandb", dict(HOME=str(tmp_path)), "--report_to wandb: no API key (set WANDB_API_KEY or run `wandb "
+                                                 "login`), or set WANDB_MODE=offline"),
+             ("wandb", dict(WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9"),
+              "--report_to wandb: cannot reach 127.0.0.1 ("),  # nothing listens
+             ("wandb", dict(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{server.server_port}"),
+              "--report_to wandb: cannot start ("),  # a server answers, not wandb's: wandb.init fails
+             ("trackio", dict(TRACKIO_DIR="/proc/nanorlhf"), "--report_to trackio: cannot write its store /proc/")]
+    for tracker, extra, message in cases:
+        t = time.time()
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "train_reward.py"), *map(str, cmd), "--report_to", tracker,
+                            "--overwrite_output_dir"], env={**bare, **extra}, capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert time.time() - t < 60 and (out / "model.safetensors").read_bytes() == before  # nothing deleted
+    server.shutdown()
+
+
+def test_a_tracker_failing_mid_run_says_so_and_the_run_goes_on(tmp_path, monkeypatch):
+    # wandb's run ends under the tracker (as when its service process dies): wandb.log raises from then on
+    pytest.importorskip("wandb")
+    import contextlib
+    import dataclasses
+    import io
+    import nanorlhf as nr
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    Args = dataclasses.make_dataclass("Args", [("output_dir", str), ("report_to", list), ("run_name", str)])
+    tracker = nr.Tracker(Args(str(tmp_path), ["wandb"], "x"))
+    tracker.log({"step": 1, "loss": 1.0})
+    tracker.open["wandb"].finish()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        tracker.log({"step": 2, "loss": 0.5})
+        tracker.log({"step": 3, "loss": 0.25})
+    assert out.getvalue().count("--report_to wandb: stopped logging (Error: You must call wandb.init()") == 1, out
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3] and "wandb" not in tracker.open
+    tracker.finish()
