@@ -109,7 +109,14 @@ def plot(runs, out):
         if not os.path.exists(path):
             raise nr.InputError(f"--plot {run}: no metrics.jsonl (not a run folder of a train_*.py script)")
         with open(path) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        recs = []
+        for i, line in enumerate(lines):
+            try:
+                recs.append(json.loads(line))
+            except ValueError:  # the last line, torn by a kill mid-append, is left out (as --resume does)
+                if i < len(lines) - 1:
+                    raise nr.InputError(f"{path}: line {i + 1} is not JSON ({line.strip()!r:.60})") from None
         per_step = [r["episode"] / r["step"] for r in recs if "episode" in r]  # episodes per step
         saved = run_args(run)  # XPO and Nash-MD sample two completions per episode (a prompt), the others one
         size = (per_step or [1.0])[0] * (2 if "mixture_coef" in saved or "second_sample" in saved else 1)

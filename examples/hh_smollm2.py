@@ -118,10 +118,12 @@ def split(data, out, judge):
     import nanorlhf as nr
     pairs = nr.preference_pairs(nr.load_rows(data, "train"), data)
     parts, empty = {"test": [], "a": [], "b": []}, 0
-    for p in pairs:
+    for i, p in enumerate(pairs):
         if not all(str(p[k]).strip() for k in ("chosen", "rejected")):  # an empty answer: no preference to learn
             empty += 1
             continue
+        if not any(m["content"] for m in messages(p)["prompt"]):
+            sys.exit(f"{data}: pair {i} has no Human turn to answer (not an hh-rlhf transcript): {p['prompt']!r:.100}")
         h = int.from_bytes(hashlib.sha256(first_human_turn(p["prompt"]).encode()).digest()[:8], "little") % 20
         parts["test" if h < 2 else "a" if h % 2 else "b"].append(messages(p))
     both = parts["a"] + parts["b"]

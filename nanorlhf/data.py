@@ -98,6 +98,8 @@ def _check(value, source, row, field):
         for m in value:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise InputError(f"{where}: messages must be {{'role': str, 'content': str}}, got {m!r:.80}")
+        if field.startswith("prompt") and not any(m["content"].strip() for m in value):  # (an empty answer is one)
+            raise InputError(f"{where}: every message's content is empty")
     else:
         raise InputError(f"{where}: expected a non-empty string or list of messages, got {value!r:.80}")
     return value
@@ -131,6 +133,9 @@ def preference_pairs(ds, source):
             p, c, rj = _split_implicit(c, rj, source, i)
         else:
             p = _check(r["prompt"], source, i, "prompt")
+            if isinstance(p, str) != isinstance(c, str) or isinstance(p, str) != isinstance(rj, str):
+                raise InputError(f"{source}: row {i}: 'prompt', 'chosen' and 'rejected' mix strings and messages "
+                                 "(one row is all text or all conversational)")
         m = r.get("margin")
         if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m)):
             raise InputError(f"{source}: row {i}, field 'margin': expected a finite number, got {m!r}")

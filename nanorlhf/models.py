@@ -46,6 +46,11 @@ def add_lora(model, args, task_type):
     sequence classifier (task_type "SEQ_CLS"), its score head: peft keeps it fully trainable (modules_to_save).
     (check_flags has already refused --use_peft when peft is not installed.)"""
     from peft import LoraConfig, get_peft_model
+    names = [n for n, _ in model.named_modules()]  # peft's rule: a target is a module's name or its last parts
+    if bad := [t for t in args.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise InputError(f"--lora_target_modules: {', '.join(bad)} match no module of {type(model).__name__} (its "
+                         f"linear layers: {', '.join(linear)})")
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules or None, task_type=task_type)
     return get_peft_model(model, config)

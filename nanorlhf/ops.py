@@ -2,10 +2,16 @@
 
 Shapes: B sequences, T completion positions, V vocabulary. Masks are boolean, True = real token.
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.distributed.fsdp import FSDPModule
 
+# the KV cache's name in a model's arguments and outputs: `cache` since transformers 5.24 (`past_key_values` there
+# warns, and goes in 5.40), `past_key_values` before; read from the installed library, so both versions run clean
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 CHUNK_ELEMENTS = 2**26  # elements of one (rows, V) chunk: 256 MB in float32
 
@@ -93,9 +99,9 @@ def prompt_forward(model, prompt_ids, prompt_mask, **kwargs):
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
                 **kwargs)
     if not shared:
-        return out.logits, out.past_key_values
-    out.past_key_values.reorder_cache(inverse)
-    return out.logits[inverse], out.past_key_values
+        return out.logits, getattr(out, CACHE)
+    getattr(out, CACHE).reorder_cache(inverse)
+    return out.logits[inverse], getattr(out, CACHE)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature=1.0, with_entropy=False):
@@ -115,7 +121,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperat
         logits, cache = prompt_forward(model, prompt_ids, prompt_mask, logits_to_keep=1)  # predicts y_1
         if T > 1:
             logits = torch.cat([logits, model(
-                input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1].long(), past_key_values=cache,
+                input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1].long(), **{CACHE: cache},
                 position_ids=position_ids_from_mask(mask)[:, prompt_ids.shape[1]:-1], use_cache=True).logits], 1)
     else:
         ids = torch.cat([prompt_ids, completion_ids], dim=1)

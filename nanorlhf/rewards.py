@@ -9,7 +9,7 @@ import torch
 from .config import InputError
 from .data import encode, keep_end, pad
 from .dist import load_hf, load_tokenizer, print0, shard
-from .ops import contains_eos, position_ids_from_mask, prompt_forward, shares_prompts
+from .ops import CACHE, contains_eos, position_ids_from_mask, prompt_forward, shares_prompts
 
 
 def last_token_index(attention_mask):
@@ -37,7 +37,7 @@ def reward_model_scores(reward_model, input_ids, attention_mask, prompt_length=0
     if P and shares_prompts(input_ids[:, :P], attention_mask[:, :P]):
         cache = prompt_forward(reward_model, input_ids[:, :P], attention_mask[:, :P])[1]
     P = P if cache is not None else 0
-    logits = head_logits(reward_model, input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache,
+    logits = head_logits(reward_model, input_ids=input_ids[:, P:], attention_mask=attention_mask, **{CACHE: cache},
                          position_ids=position_ids_from_mask(attention_mask)[:, P:], use_cache=cache is not None)
     return logits.gather(1, last_token_index(attention_mask)[:, None] - P).squeeze(1).float()  # past the prompt
 

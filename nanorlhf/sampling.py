@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .data import pad
 from .dist import all_reduce_metrics, is_main
-from .ops import completion_logprobs, position_ids_from_mask, prompt_forward, truncate_at_eos
+from .ops import CACHE, completion_logprobs, position_ids_from_mask, prompt_forward, truncate_at_eos
 
 
 def rollout_seeds(seed, prompt_indices, sample_index=0):
@@ -79,8 +79,8 @@ def _generate(models, weights, prompt_ids, prompt_mask, *, max_new_tokens, eos_t
                 zi, caches[i] = prompt_forward(m, new[r], mask[r], logits_to_keep=1)
             elif use_cache:
                 out = m(input_ids=new[r], attention_mask=mask[r], position_ids=pos[r, -new.shape[1]:],
-                        past_key_values=caches[i], use_cache=True, logits_to_keep=1)
-                zi, caches[i] = out.logits, out.past_key_values
+                        use_cache=True, logits_to_keep=1, **{CACHE: caches[i]})
+                zi, caches[i] = out.logits, getattr(out, CACHE)
             else:  # full recompute of the prefix (what TRL's Nash-MD mixture sampler did), for reference
                 zi = m(input_ids=ids[r], attention_mask=mask[r], position_ids=pos[r], use_cache=False,
                        logits_to_keep=1).logits

@@ -80,6 +80,11 @@ def test_margin_column(tmp_path):
     ([{"prompt": "p", "chosen": [{"role": "assistant", "content": 1}], "rejected": "b"}], r"row 0, field 'chosen'"),
     ([{"chosen": "a", "rejected": "b"}], r"row 0, field 'prompt \(the shared prefix"),
     ([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}], r"field 'margin'"),
+    ([{"prompt": [{"role": "user", "content": " "}], "chosen": [{"role": "assistant", "content": "a"}],
+       "rejected": [{"role": "assistant", "content": "b"}]}], r"row 0, field 'prompt': every message's content is empty"),
+    ([{"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant",
+                                                                                     "content": "b"}]}],
+     r"row 0: 'prompt', 'chosen' and 'rejected' mix strings and messages"),
 ])
 def test_bad_preference_rows(tmp_path, rows, message):
     path = _jsonl(tmp_path / "bad.jsonl", rows)

@@ -70,6 +70,8 @@ def test_plots_from_real_runs(world_root, trained, tmp_path):
     pytest.importorskip("matplotlib")
     run("train_ppo.py", "--output_dir", tmp_path / "ppo", "--total_episodes", 640, "--eval_steps", 5,
         "--num_eval_prompts", 16, "--num_sample_generations", 0, "--num_ppo_epochs", 1)
+    with open(tmp_path / "ppo" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 41, "loss": 0.1')  # a line torn by a kill mid-append: left out
     run(SCRIPT, "--plot", trained, tmp_path / "ppo", "--output_dir", tmp_path / "report")
     for name, size in (("curves.png", (1500, 400)), ("frontier.png", (600, 450))):
         with Image.open(tmp_path / "report" / name) as im:
@@ -147,5 +149,8 @@ def test_bad_inputs(world_root, trained, tmp_path, monkeypatch):
     assert "pass --plot (run folders to draw) or --model_name_or_path" in _fails("--plot", trained,
                                                                                  "--model_name_or_path", trained)
     assert "no metrics.jsonl" in _fails("--plot", tmp_path / "v99", "--output_dir", tmp_path / "p")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n')  # torn, then more: not a kill
+    assert "metrics.jsonl: line 1 is not JSON" in _fails("--plot", tmp_path / "torn", "--output_dir", tmp_path / "p")
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if not installed
     assert 'pip install -e ".[plot]"' in _fails("--plot", trained, "--output_dir", tmp_path / "p")

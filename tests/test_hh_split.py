@@ -64,3 +64,13 @@ def test_messages_of_a_transcript():
         "chosen": [{"role": "assistant", "content": "I can't help with that."}],
         "rejected": [{"role": "assistant", "content": "First, find a car."}]}
     assert hh.messages(hh.messages(pair)) == hh.messages(pair)  # messages pass as they are
+
+
+def test_a_pair_without_human_turns_is_refused_at_the_input(tmp_path):
+    import gzip
+    path = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}) + "\n")
+        f.write(json.dumps({"prompt": "just text", "chosen": " yes", "rejected": " no"}) + "\n")
+    with pytest.raises(SystemExit, match=r"pairs.jsonl.gz: pair 1 has no Human turn to answer"):
+        _example().split(str(path), str(tmp_path / "out"), "half")

@@ -82,3 +82,15 @@ def test_a_run_of_zero_steps_is_refused(world_root, tmp_path):
     text = (tmp_path / "e" / "eval.json").read_text()
     (r,) = json.loads(text, parse_constant=lambda c: pytest.fail(f"eval.json holds {c}"))["results"]
     assert r["prompts"] == 1 and r["score_ci"] is None  # one prompt: no interval, and strict JSON
+
+
+def test_no_deprecation_warning_from_our_calls(world_root, tmp_path):
+    # the cached forwards (sampling, shared prompts, a decoder reward model on shared prompts) under the installed
+    # transformers: no deprecation or future warning on the way (5.24 renamed past_key_values -> cache)
+    run("train_reward.py", "--output_dir", tmp_path / "rm", "--max_steps", 2, "--per_device_train_batch_size", 4)
+    r = run("train_rloo.py", "--output_dir", tmp_path / "r", *RLOO, "--total_episodes", 16, "--reward_model_path",
+            tmp_path / "rm", "--num_eval_prompts", 8, "--num_sample_generations", 1)
+    r2 = run("train_nash_md.py", "--output_dir", tmp_path / "n", "--max_steps", 1, "--per_device_train_batch_size", 4,
+             "--num_eval_prompts", 0, "--num_sample_generations", 0)
+    for out in (r.stdout + r.stderr, r2.stdout + r2.stderr):
+        assert "deprecated" not in out.lower() and "FutureWarning" not in out, out[-3000:]

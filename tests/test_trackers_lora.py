@@ -175,6 +175,10 @@ def test_lora_refusals(world_root, tmp_path, monkeypatch):
     assert "drop --sft_model_path" in fails("train_rloo.py", *out, "--sft_model_path", os.path.join(world_root,
                                                                                                         "policy"))
     assert "--lora_r 0: must be > 0" in fails("train_rloo.py", *out, "--lora_r", 0)
+    for targets, bad in ((["q_prj"], "q_prj"), (["q_proj", "v_prj"], "v_prj")):  # a typo beside a valid name too
+        err = fails("train_rloo.py", *out, "--lora_target_modules", *targets)
+        assert f"--lora_target_modules: {bad} match no module of LlamaForCausalLM (its linear layers: down_proj, " \
+               "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)" in err, err
     monkeypatch.setitem(sys.modules, "peft", None)
     assert 'needs peft: pip install -e ".[peft]"' in fails("train_ppo.py", *out)
 
