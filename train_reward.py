@@ -341,9 +341,9 @@ for step in range(start_step, total_steps):
         log({"step": step + 1, **e})
         if nr.is_main():
             bar.write(f"eval step {step + 1}: " + " | ".join(f"{k[5:]} {v:.4g}" for k, v in e.items()))
-    if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+    if ((sig := nr.preempted()) or args.save_steps and (step + 1) % args.save_steps == 0) and step + 1 < total_steps:
         nr.save_training_state(args.output_dir, step + 1, model, optimizer, scheduler, args.save_total_limit,
-                               extra={"window": window})
+                               extra={"window": window}, stop=sig)
 bar.close()
 
 # ----------------------------------------------------------------------------- save

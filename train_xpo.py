@@ -354,8 +354,8 @@ for step in range(start_step, total_steps):
         log({"step": step + 1, **e})
         if nr.is_main():
             bar.write(f"eval step {step + 1}: " + " | ".join(f"{key[5:]} {v:.4g}" for key, v in e.items()))
-    if args.save_steps and (step + 1) % args.save_steps == 0 and not done:
-        nr.save_training_state(args.output_dir, step + 1, policy, optimizer, scheduler, args.save_total_limit)
+    if ((sig := nr.preempted()) or args.save_steps and (step + 1) % args.save_steps == 0) and not done:
+        nr.save_training_state(args.output_dir, step + 1, policy, optimizer, scheduler, args.save_total_limit, stop=sig)
 bar.close()
 
 # ----------------------------------------------------------------------------- save

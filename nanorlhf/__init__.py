@@ -21,8 +21,8 @@ from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_est
 from .rewards import (Scorer, call_reward_fn, head_logits, last_token_index, load_function, max_positions,
                       reward_model_scores, rm_sequences, score_completions, token_values, mean_interval,
                       win_outcomes, win_rate_interval)
-from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, require_steps, save_training_state,
-                   start_run)
+from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, preempted, require_steps,
+                   save_training_state, start_run)
 from .sampling import Rollouts, generate, generate_mixture, rollout_seeds
 from .trackers import Tracker
 

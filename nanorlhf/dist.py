@@ -1,6 +1,8 @@
 """Distributed plumbing: process group, rank-0 printing, metric all-reduce, saving, checkpoints."""
+import contextlib
 import ctypes
 import datetime
+import errno
 import glob
 import json
 import math
@@ -191,6 +193,25 @@ def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
     return model
 
 
+@contextlib.contextmanager
+def writing(tmp):
+    """Around a write into the temporary folder `tmp`: a full disk (ENOSPC, or PyTorch's "file write failed" and
+    safetensors' I/O errors with no free space left) removes `tmp` and ends in one line saying so; the checkpoint
+    and model already in place are untouched. Any other error keeps its traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # (DCP's CheckpointException is no Exception)
+        parent = os.path.dirname(os.path.abspath(tmp))
+        if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+                or shutil.disk_usage(parent).free < 2**20):
+            raise
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"disk full writing {tmp} ({shutil.disk_usage(parent).free / 2**20:.1f} MB free): removed "
+                         "it; the checkpoints and model already there are kept. Free space, then --resume") from e
+
+
 def save_hf(model, tokenizer, output_dir, state_dict):
     """save_pretrained (safetensors) of `state_dict` from full_state_dict, on rank 0 only.
 
@@ -204,8 +225,9 @@ def save_hf(model, tokenizer, output_dir, state_dict):
     tmp = os.path.join(output_dir, ".saving")
     os.makedirs(output_dir, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    base.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    with writing(tmp):
+        base.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     cfg = os.path.join(tmp, "config.json")  # FSDP2 renames the class to FSDP<Name>; record the real one
     with open(cfg) as f:
         text = f.read().replace('"FSDP', '"')
@@ -253,11 +275,12 @@ def save_checkpoint(output_dir, step, model, optimizer, trainer, keep=2):
         os.makedirs(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP2: DTensors, no gather
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized(),
-             planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"))
-    if is_main():
-        torch.save(trainer, os.path.join(tmp, "trainer.pt"))
+    with writing(tmp):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized(),
+                 planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+        torch.save(rng_state(), os.path.join(tmp, f"rng-{dist.get_rank() if dist.is_initialized() else 0:05d}.pt"))
+        if is_main():
+            torch.save(trainer, os.path.join(tmp, "trainer.pt"))
     _barrier()  # every rank's files are in place
     if is_main():
         shutil.rmtree(final, ignore_errors=True)

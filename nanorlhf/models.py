@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from .config import InputError, usage_error
-from .dist import full_state_dict, is_main, load_hf, save_hf, shard
+from .dist import full_state_dict, is_main, load_hf, save_hf, shard, writing
 
 
 def policy_and_reference(args, device):
@@ -85,11 +85,12 @@ def save_adapter(model, tokenizer, output_dir, merge=False):
     peft_model = getattr(model, "module", model)
     tmp = os.path.join(output_dir, ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(os.path.join(tmp, "adapter") if merge else tmp)
-    tokenizer.save_pretrained(os.path.join(tmp, "adapter") if merge else tmp)
-    if merge:
-        peft_model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    with writing(tmp):
+        peft_model.save_pretrained(os.path.join(tmp, "adapter") if merge else tmp)
+        tokenizer.save_pretrained(os.path.join(tmp, "adapter") if merge else tmp)
+        if merge:
+            peft_model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     _move_into(tmp, output_dir)
     shutil.rmtree(tmp)
 

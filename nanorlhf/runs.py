@@ -4,6 +4,7 @@ place an old run's state is removed), trains, saves, and `finish_run` (marks the
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -19,7 +20,7 @@ FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume", "logging_steps
                   "save_total_limit", "num_eval_prompts", "num_sample_generations", "per_device_eval_batch_size",
                   "gradient_checkpointing", "sharded_generation", "report_to", "run_name"}
 COMPLETE = "run_complete.json"  # written after the final model: the run in this folder finished
-LOGS = ("metrics.jsonl", "samples.jsonl")  # what a run appends to: replaced with it, rewound on --resume (no other file)
+LOGS = ("metrics.jsonl", "samples.jsonl")  # what a run appends to: replaced with it, rewound on --resume (no other)
 
 
 BATCH = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")  # their product: the global batch
@@ -132,6 +133,7 @@ def start_run(args, world_size, replace):
     """Once everything has loaded: remove a replaced run's checkpoints and logs, write args.json (flags and
     number of processes, what --resume checks); the peak memory counts from here (training, not loading)."""
     _peak_memory(reset=True)
+    signal.signal(signal.SIGTERM, lambda *_: _sigterm.append(1))  # finish the step, checkpoint, exit (see preempted)
     out = args.output_dir
     if is_main():
         for name in os.listdir(out) if replace else []:  # (check_output_dir made the folder)
@@ -179,13 +181,26 @@ def append_jsonl(output_dir, name, records):
             f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def save_training_state(output_dir, step, model, optimizer, scheduler, keep=2, extra=None):
+_sigterm = []  # set by the SIGTERM handler start_run installs: a scheduler's preemption notice
+
+
+def preempted():
+    """Whether any rank has received SIGTERM (a collective, once per step: every rank stops after the same step)."""
+    return all_reduce_metrics({"sigterm": float(bool(_sigterm))}, op="max")["sigterm"] > 0
+
+
+def save_training_state(output_dir, step, model, optimizer, scheduler, keep=2, extra=None, stop=False):
     """Checkpoint everything a resume needs (save_checkpoint: sharded model and optimizer state, each rank's
     RNG) with the scheduler, the step, the number of processes and rank 0's `extra` (e.g. a logging window).
-    A collective: call on all ranks; keep = 0 keeps every checkpoint."""
+    With stop (preempted), then exit 143 saying how to resume. A collective: call on all ranks; keep = 0 keeps
+    every checkpoint."""
     trainer = {"scheduler": scheduler.state_dict(), "step": step, "extra": extra or {},
                "world_size": dist.get_world_size() if dist.is_initialized() else 1}
     save_checkpoint(output_dir, step, model, optimizer, trainer, keep=keep)
+    if stop:
+        print0(f"\nSIGTERM: stopped after step {step}, its checkpoint written in {output_dir}; to continue, run the "
+               "same command with --resume")
+        raise SystemExit(143)
 
 
 def load_training_state(output_dir, model, optimizer, scheduler, extra=None):

@@ -19,7 +19,8 @@ def _unreachable(names):
     if "wandb" in names and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun"):
         url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
         try:
-            socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
+            port = url.port or (80 if url.scheme == "http" else 443)
+            socket.create_connection((url.hostname, port), timeout=3).close()
         except OSError as e:
             return f"cannot reach {url.hostname} ({e.strerror or e}); set WANDB_MODE=offline to log locally"
     if "trackio" in names:
@@ -42,12 +43,12 @@ class Tracker:
     def __init__(self, args):
         """A collective: rank 0 starts the trackers now, before start_run deletes an old run, and every rank
         refuses together, in one line, if one cannot start."""
-        self.args, self.out, self.open = args, args.output_dir, None
+        self.args, self.out, self.open = args, args.output_dir, {}
         self.names = [n for n in getattr(args, "report_to", []) if n != "none"] if is_main() else []
         self.run_name = getattr(args, "run_name", "") or os.path.basename(os.path.normpath(args.output_dir))
         failed = [_unreachable(self.names)]
         try:
-            failed[0] or self._start()
+            failed[0] or not self.names or self._start()
         except Exception as e:  # the tracker's own error (no API key, a server that is not wandb's), in one line
             failed[0] = f"cannot start ({type(e).__name__}: {str(e).strip()})"
         if dist.is_initialized():

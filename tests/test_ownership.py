@@ -94,3 +94,57 @@ def test_no_deprecation_warning_from_our_calls(world_root, tmp_path):
              "--num_eval_prompts", 0, "--num_sample_generations", 0)
     for out in (r.stdout + r.stderr, r2.stdout + r2.stderr):
         assert "deprecated" not in out.lower() and "FutureWarning" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(world_root, tmp_path, procs):
+    import signal
+    from scripts import _launcher, metrics
+    out = tmp_path / "r"
+    flags = [*RLOO, "--total_episodes", 8 * 2000, "--save_steps", 0, "--per_device_train_batch_size", 8 // procs]
+    proc = subprocess.Popen([*_launcher(procs), os.path.join(ROOT, "train_rloo.py"), "--output_dir", str(out),
+                             *map(str, flags)], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)  # a scheduler's notice (torchrun forwards it to every rank)
+    text = proc.communicate(timeout=120)[0]
+    steps = [r["step"] for r in metrics(out) if "objective/kl" in r]
+    assert proc.returncode != 0 and f"SIGTERM: stopped after step {steps[-1]}, its checkpoint written in {out}; " \
+        "to continue, run the same command with --resume" in text, text[-3000:]
+    assert (out / f"checkpoint-{steps[-1]:08d}").is_dir() and not (out / "run_complete.json").exists()
+    assert text.count("SIGTERM: stopped") == 1 and "Traceback (most recent call last)" not in text.split("SIGTERM")[0]
+    if procs == 1:
+        assert proc.returncode == 143
+        run("train_rloo.py", "--output_dir", out, *flags, "--resume")  # continues from that step to the end
+        assert [r["step"] for r in metrics(out) if "objective/kl" in r] == list(range(1, 2001))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.6 MB tmpfs (needs root, as CI and this machine have; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)])
+
+
+def test_a_full_disk_is_said_and_loses_nothing(world_root, small_disk):
+    # checkpoint 1 (about 0.9 MB: weights and AdamW) fits, checkpoint 2 does not: the run stops saying so, removes
+    # the half-written folder and keeps checkpoint 1
+    out = small_disk / "r"
+    r = run("train_rloo.py", "--output_dir", out, *RLOO, "--total_episodes", 32, "--save_steps", 1, check=False)
+    err = _refused(r)
+    assert f"disk full writing {out}/checkpoint-00000002.tmp (" in err and "Free space, then --resume" in err, err
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-00000001", "metrics.jsonl"]
+    # the final model (about 0.3 MB) does not fit: no half-written folder left, nothing marked complete
+    import shutil
+    shutil.rmtree(out)
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"0" * (1600 * 1024 - 300 * 1024))
+    r = run("train_rloo.py", "--output_dir", out, *RLOO, "--total_episodes", 32, "--save_steps", 0, check=False)
+    assert f"disk full writing {out}/.saving (" in _refused(r)
+    assert not os.path.exists(out / ".saving") and not os.path.exists(out / "run_complete.json")
