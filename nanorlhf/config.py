@@ -2,18 +2,24 @@
 
 `--name value` and `--name=value`; types from the annotations (int, float, str, bool, `X | None`, and
 `list[X]`: `--name a b c`); bools accept `--flag`, `--flag true|false`; `--help` prints each field's docstring
-(the string literal under the field) and default; unknown flags are rejected with the valid list.
+(the string literal under the field) and default; unknown flags are rejected with the valid list. And what a user
+sees of a bad input: InputError, usage_error, clean_errors, and `writing` (a full disk said in one line).
 """
 import argparse
 import ast
+import contextlib
 import dataclasses
+import errno
 import importlib.util
 import inspect
 import math
 import os
+import shutil
 import sys
 import types
 import typing
+
+import torch.distributed as dist
 
 
 def _docstrings(cls):
@@ -164,3 +170,22 @@ def given_flags(argv=None):
     """Names of the flags present on the command line (so built-in defaults never override them)."""
     argv = sys.argv[1:] if argv is None else argv
     return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+@contextlib.contextmanager
+def writing(tmp):
+    """Around a write into the temporary folder `tmp`: a full disk (ENOSPC, or PyTorch's "file write failed" and
+    safetensors' I/O errors with no free space left) removes `tmp` and ends in one line saying so; the checkpoint
+    and model already in place are untouched. Any other error keeps its traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # (DCP's CheckpointException is no Exception)
+        parent = os.path.dirname(os.path.abspath(tmp))
+        if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+                or shutil.disk_usage(parent).free < 2**20):
+            raise
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"disk full writing {tmp} ({shutil.disk_usage(parent).free / 2**20:.1f} MB free): removed "
+                         "it; the checkpoints and model already there are kept. Free space, then --resume") from e

@@ -1,8 +1,6 @@
 """Distributed plumbing: process group, rank-0 printing, metric all-reduce, saving, checkpoints."""
-import contextlib
 import ctypes
 import datetime
-import errno
 import glob
 import json
 import math
@@ -15,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .config import InputError
+from .config import InputError, writing
 
 
 def init_distributed():
@@ -191,25 +189,6 @@ def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     return model
-
-
-@contextlib.contextmanager
-def writing(tmp):
-    """Around a write into the temporary folder `tmp`: a full disk (ENOSPC, or PyTorch's "file write failed" and
-    safetensors' I/O errors with no free space left) removes `tmp` and ends in one line saying so; the checkpoint
-    and model already in place are untouched. Any other error keeps its traceback."""
-    from torch.distributed.checkpoint.api import CheckpointException
-    try:
-        yield
-    except (Exception, CheckpointException) as e:  # (DCP's CheckpointException is no Exception)
-        parent = os.path.dirname(os.path.abspath(tmp))
-        if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-                or shutil.disk_usage(parent).free < 2**20):
-            raise
-        if is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise InputError(f"disk full writing {tmp} ({shutil.disk_usage(parent).free / 2**20:.1f} MB free): removed "
-                         "it; the checkpoints and model already there are kept. Free space, then --resume") from e
 
 
 def save_hf(model, tokenizer, output_dir, state_dict):

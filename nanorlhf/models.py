@@ -5,8 +5,8 @@ import shutil
 
 import torch
 
-from .config import InputError, usage_error
-from .dist import full_state_dict, is_main, load_hf, save_hf, shard, writing
+from .config import InputError, usage_error, writing
+from .dist import full_state_dict, is_main, load_hf, save_hf, shard
 
 
 def policy_and_reference(args, device):
