@@ -27,7 +27,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
@@ -359,6 +358,4 @@ write_atomic("eval.json", json.dumps({"args": {k: v for k, v in vars(args).items
 write_atomic("eval_samples.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
 nr.print0(header + "\n".join(table))
 nr.print0(f"wrote {args.output_dir}/eval.json, eval.md, eval_samples.jsonl")
-if dist.is_initialized():
-    dist.barrier()  # every rank is done with collectives before any tears its process group down
-    dist.destroy_process_group()
+nr.shutdown()

@@ -31,7 +31,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -358,5 +357,4 @@ nr.save_policy(policy, tokenizer, args)  # all weights, or the LoRA adapter (and
 nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved policy to {args.output_dir} ({time.time() - t0:.0f}s training)")
 tracker.finish()
-if dist.is_initialized():
-    dist.destroy_process_group()
+nr.shutdown()

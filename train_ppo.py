@@ -36,7 +36,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, get_scheduler
@@ -446,5 +445,4 @@ nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved policy to {args.output_dir}, value model to {args.output_dir}/value_model "
           f"({time.time() - t0:.0f}s training)")
 tracker.finish()
-if dist.is_initialized():
-    dist.destroy_process_group()
+nr.shutdown()

@@ -28,7 +28,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_scheduler
@@ -351,5 +350,4 @@ nr.save_policy(model, tokenizer, args)  # all weights, or the LoRA adapter + hea
 nr.finish_run(args.output_dir, total_steps)
 nr.print0(f"saved reward model to {args.output_dir} ({time.time() - t0:.0f}s training)")
 tracker.finish()
-if dist.is_initialized():
-    dist.destroy_process_group()
+nr.shutdown()

@@ -95,7 +95,6 @@ def check_scripts(model, prompts, tmp):
 
 def check_resume(model, prompts, tmp):
     import shutil
-    import torch
     from safetensors.torch import load_file
     common = ["--model_name_or_path", model[0], *(["--gguf_file", model[1]] if model[1] else []), "--dataset_name",
               prompts, "--reward_fn", "nanorlhf.world:gold_reward", "--bf16", "--per_device_train_batch_size", 16,

@@ -8,6 +8,7 @@ Expected: every case exits non-zero (2 for flags, 1 for the rest) with one `erro
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main():
     tmp = tempfile.mkdtemp(prefix="nanorlhf-refusals-")
     world = os.environ.get("NANORLHF_WORLD") or os.path.join(tmp, "world")
-    env = dict(os.environ, NANORLHF_WORLD=world, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join([ROOT, tmp]))
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, NANORLHF_WORLD=world,
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join([ROOT, tmp]),
+               HOME=tmp)  # (no wandb key or login: its refusal, or "cannot reach" without a network)
     subprocess.run([sys.executable, "-m", "nanorlhf.world"], env=env, capture_output=True, check=True)
     w = lambda *p: os.path.join(world, *p)  # noqa: E731
     t = lambda *p: os.path.join(tmp, *p)  # noqa: E731
@@ -46,6 +48,12 @@ def main():
                 "def nan(p, c):\n    return [float('nan')] * len(c)\n"
                 "def boom(p, c):\n    raise KeyError('mood')\n"
                 "def pref(p, a, b):\n    return [2.0] * len(a)\n")
+    with open(t("emptycontent.jsonl"), "w") as f:
+        f.write(json.dumps({"prompt": [{"role": "user", "content": " "}]}) + "\n")
+    with open(t("mixed.jsonl"), "w") as f:
+        f.write(json.dumps({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}],
+                            "rejected": [{"role": "assistant", "content": "b"}]}) + "\n")
+    shutil.copytree(w("policy"), t("policy-copy"))
     gold = ["--reward_fn", "nanorlhf.world:gold_reward"]
     cases = [
         ("train_reward.py", ["--learning_rate", "-1"]), ("train_reward.py", ["--max_grad_norm", "-1"]),
@@ -80,12 +88,24 @@ def main():
         ("train_ppo.py", ["--gamma", "1.5"]), ("train_ppo.py", ["--vf_coef", "-0.1"]),
         ("train_ppo.py", ["--kl_estimator", "k2"]), ("train_ppo.py", ["--value_model_path", t("noconfig")]),
         ("train_ppo.py", ["--value_model_path", w("policy"), "--reward_model_path", w("policy")]),
+        # the third round (issue 24)
+        ("train_rloo.py", ["--model_name_or_path", t("policy-copy"), "--output_dir", t("policy-copy"),
+                           "--overwrite_output_dir"]),
+        ("train_rloo.py", ["--total_episodes", "-5"]), ("train_ppo.py", ["--total_episodes", "0",
+                                                                         "--num_train_epochs", "0.0001"]),
+        ("evaluate.py", ["--model_name_or_path", w("policy"), "--num_prompts", "-5"]),
+        ("evaluate.py", ["--model_name_or_path", w("policy"), "--num_prompts", "0"]),
+        ("train_rloo.py", ["--use_peft", "--lora_target_modules", "q_proj", "v_prj"]),
+        ("train_rloo.py", ["--dataset_name", t("emptycontent.jsonl"), *gold]),
+        ("train_reward.py", ["--dataset_name", t("mixed.jsonl")]),
+        ("train_reward.py", ["--report_to", "wandb"]),
     ]
     fast = {"train_reward.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
             "train_rloo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"],
             "train_xpo.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
             "train_nash_md.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
-            "train_ppo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"]}
+            "train_ppo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"],
+            "evaluate.py": ["--max_new_tokens", "8"]}
     print("| script | flags | exit | traceback | message |\n|---|---|---|---|---|")
     tracebacks = 0
     for n, (script, flags) in enumerate(cases):

@@ -11,10 +11,10 @@ from .data import (MissingSplit, encode, epoch_order, held_out, keep_end, load_r
                    render, tokenize_pairs, tokenize_prompts)
 from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dict, global_mean_var, global_whiten,
                    init_distributed, is_main, load_checkpoint, load_hf, load_tokenizer, print0, rng_state,
-                   save_checkpoint, save_hf, set_rng_state, shard, transformer_blocks)
+                   save_checkpoint, set_rng_state, shard, shutdown, transformer_blocks)
 from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
                      value_loss, xpo_loss)
-from .models import AdapterOff, add_lora, disable_dropout, policy_and_reference, save_adapter, save_policy
+from .models import AdapterOff, add_lora, disable_dropout, policy_and_reference, save_adapter, save_hf, save_policy
 from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean,
                   position_ids_from_mask, prompt_forward, selective_log_softmax,
                   truncate_at_eos)

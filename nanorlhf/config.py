@@ -189,3 +189,14 @@ def writing(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         raise InputError(f"disk full writing {tmp} ({shutil.disk_usage(parent).free / 2**20:.1f} MB free): removed "
                          "it; the checkpoints and model already there are kept. Free space, then --resume") from e
+
+
+def unwritable(folder):
+    """Why `folder` cannot be written (a file is made there: access() says yes to root on read-only mounts)."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)

@@ -44,6 +44,17 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shutdown():
+    """End a torchrun process after its last collective without the interpreter's teardown (os._exit), where a gloo
+    rank under load was seen to abort ("terminate called without an active exception") with all its work written."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -189,32 +200,6 @@ def load_hf(auto_class, path, gguf_file=None, dtype=torch.float32, **kwargs):
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     return model
-
-
-def save_hf(model, tokenizer, output_dir, state_dict):
-    """save_pretrained (safetensors) of `state_dict` from full_state_dict, on rank 0 only.
-
-    Files are written to a temporary folder first and then renamed into place one by one, so a
-    kill mid-save never leaves a truncated weights file over a good one. Tied embeddings: HF
-    drops the duplicate lm_head entry itself.
-    """
-    if not is_main():
-        return
-    base = getattr(model, "module", model)
-    tmp = os.path.join(output_dir, ".saving")
-    os.makedirs(output_dir, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(tmp):
-        base.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    cfg = os.path.join(tmp, "config.json")  # FSDP2 renames the class to FSDP<Name>; record the real one
-    with open(cfg) as f:
-        text = f.read().replace('"FSDP', '"')
-    with open(cfg, "w") as f:
-        f.write(text)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-    os.rmdir(tmp)
 
 
 def rng_state():

@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from .config import InputError, usage_error, writing
-from .dist import full_state_dict, is_main, load_hf, save_hf, shard
+from .dist import full_state_dict, is_main, load_hf, shard
 
 
 def policy_and_reference(args, device):
@@ -74,6 +74,32 @@ class AdapterOff(torch.nn.Module):
     def forward(self, *args, **kwargs):
         with self.peft_model.disable_adapter():
             return self.peft_model(*args, **kwargs)
+
+
+def save_hf(model, tokenizer, output_dir, state_dict):
+    """save_pretrained (safetensors) of `state_dict` from full_state_dict, on rank 0 only.
+
+    Files are written to a temporary folder first and then renamed into place one by one, so a
+    kill mid-save never leaves a truncated weights file over a good one. Tied embeddings: HF
+    drops the duplicate lm_head entry itself.
+    """
+    if not is_main():
+        return
+    base = getattr(model, "module", model)
+    tmp = os.path.join(output_dir, ".saving")
+    os.makedirs(output_dir, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(tmp):
+        base.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    cfg = os.path.join(tmp, "config.json")  # FSDP2 renames the class to FSDP<Name>; record the real one
+    with open(cfg) as f:
+        text = f.read().replace('"FSDP', '"')
+    with open(cfg, "w") as f:
+        f.write(text)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
 
 
 def save_adapter(model, tokenizer, output_dir, merge=False):

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import torch.distributed as dist
 
-from .config import InputError, usage_error
+from .config import InputError, unwritable, usage_error
 from .dist import all_reduce_metrics, checkpoints, is_main, load_checkpoint, print0, save_checkpoint, set_rng_state
 
 # flags that change neither the data a step sees nor the update it makes: free to differ on --resume
@@ -68,8 +68,7 @@ def _lock(out):
     f.flush()
 
 
-def require_steps(total_steps, why):
-    """Refuse a run that would take no step: it would save the untouched initial model as the trained one."""
+def require_steps(total_steps, why):  # a run of no step would save the initial model as the trained one
     if total_steps < 1:
         usage_error(f"{why}: the run would take no step (it would save the initial model as trained)")
 
@@ -88,13 +87,8 @@ def check_output_dir(args, world_size):
         if path and os.path.isdir(out) and os.path.exists(path) and os.path.samefile(path, out):
             usage_error(f"--output_dir {out} is the folder of --{flag} {path}: a run would overwrite the model it "
                         "reads; write to another folder")
-    probe = os.path.join(out, f".probe-{os.getpid()}")  # writable? (access() says yes to root on read-only mounts)
-    try:
-        os.makedirs(out, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise InputError(f"--output_dir {out}: cannot write there ({e.strerror or e})") from e
+    if why := unwritable(out):
+        raise InputError(f"--output_dir {out}: cannot write there ({why})")
     holder = [_lock(out) if is_main() else None]
     if dist.is_initialized():  # every rank learns what rank 0 found (and has probed the folder before anyone
         dist.broadcast_object_list(holder, src=0)  # changes it)

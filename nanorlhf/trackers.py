@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
-from .config import usage_error
+from .config import unwritable, usage_error
 from .dist import is_main, print0
 from .runs import append_jsonl
 
@@ -18,20 +18,15 @@ def _unreachable(names):
     within 3 s (wandb.init would wait ~90 s), a trackio store that cannot be written (trackio would drop records)."""
     if "wandb" in names and os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun"):
         url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+        port = url.port or (80 if url.scheme == "http" else 443)
         try:
-            port = url.port or (80 if url.scheme == "http" else 443)
             socket.create_connection((url.hostname, port), timeout=3).close()
         except OSError as e:
             return f"cannot reach {url.hostname} ({e.strerror or e}); set WANDB_MODE=offline to log locally"
     if "trackio" in names:
         from trackio.utils import TRACKIO_DIR
-        try:
-            os.makedirs(TRACKIO_DIR, exist_ok=True)
-            open(os.path.join(TRACKIO_DIR, f".probe-{os.getpid()}"), "w").close()
-            os.remove(os.path.join(TRACKIO_DIR, f".probe-{os.getpid()}"))
-        except OSError as e:
-            return f"cannot write its store {TRACKIO_DIR} ({e.strerror or e}); set TRACKIO_DIR to a writable folder"
-    return None
+        if why := unwritable(TRACKIO_DIR):
+            return f"cannot write its store {TRACKIO_DIR} ({why}); set TRACKIO_DIR to a writable folder"
 
 
 class Tracker:
@@ -40,9 +35,7 @@ class Tracker:
     config and sample tables as their table type. Started when made, before start_run cleans the folder; each
     reads its own environment (WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE, TRACKIO_PROJECT, ...)."""
 
-    def __init__(self, args):
-        """A collective: rank 0 starts the trackers now, before start_run deletes an old run, and every rank
-        refuses together, in one line, if one cannot start."""
+    def __init__(self, args):  # a collective: every rank refuses together if rank 0's trackers cannot start
         self.args, self.out, self.open = args, args.output_dir, {}
         self.names = [n for n in getattr(args, "report_to", []) if n != "none"] if is_main() else []
         self.run_name = getattr(args, "run_name", "") or os.path.basename(os.path.normpath(args.output_dir))
