@@ -120,8 +120,8 @@ def test_bad_inputs(world_root, trained, tmp_path, monkeypatch):
     assert "rm: a sequence classifier" in err
     assert "no config.json" in _fails("--model_name_or_path", tmp_path, "--baseline_model_path", trained, *out)
     LlamaForCausalLM(LlamaConfig(vocab_size=99, **cfg)).save_pretrained(tmp_path / "v99")
-    assert "v99: cannot load a tokenizer" in _fails("--model_name_or_path", trained, "--baseline_model_path",
-                                                    tmp_path / "v99", *out)
+    err = _fails("--model_name_or_path", trained, "--baseline_model_path", tmp_path / "v99", *out)
+    assert "v99: cannot load a tokenizer" in err or "its tokenizer is not its baseline" in err  # (5.0 makes one up)
     nr_tok = __import__("nanorlhf").load_tokenizer(trained)
     nr_tok.save_pretrained(tmp_path / "v99")
     err = _fails("--model_name_or_path", trained, "--baseline_model_path", tmp_path / "v99", *out)

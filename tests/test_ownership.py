@@ -148,3 +148,28 @@ def test_a_full_disk_is_said_and_loses_nothing(world_root, small_disk):
     r = run("train_rloo.py", "--output_dir", out, *RLOO, "--total_episodes", 32, "--save_steps", 0, check=False)
     assert f"disk full writing {out}/.saving (" in _refused(r)
     assert not os.path.exists(out / ".saving") and not os.path.exists(out / "run_complete.json")
+
+
+def test_a_reward_function_failing_on_one_rank_gives_one_message(world_root, tmp_path):
+    # rank 1's reward function raises; rank 0, waiting in a collective, says its peer stopped, not a traceback
+    (tmp_path / "judges.py").write_text("import os\n\ndef flaky(prompts, completions):\n"
+                                        "    if os.environ['RANK'] == '1':\n        raise KeyError('mood')\n"
+                                        "    return [0.0] * len(completions)\n")
+    r = run("train_rloo.py", "--output_dir", tmp_path / "o", *RLOO, "--total_episodes", 16, "--reward_fn",
+            "judges:flaky", procs=2, check=False, pythonpath=[tmp_path])
+    err = r.stderr
+    assert r.returncode != 0 and "flaky raised KeyError: 'mood'" in err, err[-3000:]
+    assert err.count("Traceback") <= 1 and "ChildFailedError" in err.split("Traceback")[-1]  # torchrun's own only
+    assert "rank 0 stops: another rank stopped first (its error is above)" in err or err.count("error:") == 1
+
+
+def test_resume_rewinds_only_the_runs_own_logs(world_root, tmp_path):
+    from scripts import kill_after
+    out = tmp_path / "r"
+    flags = [*RLOO, "--total_episodes", 8 * 40, "--save_steps", 3]
+    kill_after("train_rloo.py", *flags, output_dir=out, checkpoint="checkpoint-00000006")
+    (out / "eval_samples.jsonl").write_text('{"step": 99, "kept": true}\n')  # evaluate.py's, say, written in between
+    (out / "notes.jsonl").write_text('{"step": 99}\n')
+    run("train_rloo.py", "--output_dir", out, *flags, "--resume")
+    assert (out / "eval_samples.jsonl").read_text() == '{"step": 99, "kept": true}\n'
+    assert (out / "notes.jsonl").read_text() == '{"step": 99}\n'
