@@ -109,17 +109,14 @@ def apply_defaults(args, defaults, argv=None):
 
 
 def clean_errors():
-    """Every script's first call: an uncaught InputError or OSError (bad file, read-only folder, hub out of
-    reach) prints `prog: error: message` alone and exits 1, and so does a rank whose peer stopped first; other
-    exceptions (bugs) keep their traceback."""
+    """Every script's first call: an uncaught InputError or OSError (bad file, read-only folder, hub out of reach),
+    or a peer rank stopping first, prints `prog: error: message` alone and exits 1; bugs keep their traceback."""
     def hook(kind, value, tb):
-        if issubclass(kind, (InputError, OSError)):
-            print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
-        elif dist.is_initialized() and "closed by peer" in str(value):  # a peer stopped first (it says why)
-            print(f"{os.path.basename(sys.argv[0])}: error: rank {dist.get_rank()} stops: another rank stopped first "
-                  "(its error is above)", file=sys.stderr, flush=True)
-        else:
-            sys.__excepthook__(kind, value, tb)
+        if dist.is_initialized() and "closed by peer" in str(value):  # a peer stopped first (it says why)
+            value = f"rank {dist.get_rank()} stops: another rank stopped first (its error is above)"
+        elif not issubclass(kind, (InputError, OSError)):
+            return sys.__excepthook__(kind, value, tb)
+        print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
     sys.excepthook = hook
 
 

@@ -50,8 +50,7 @@ def shutdown():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
 
 
