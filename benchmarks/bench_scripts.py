@@ -33,7 +33,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
+HH = os.path.join(ROOT, "examples", "data", "hh-rlhf", "harmless-base-dev.jsonl.gz")
 CACHE = os.path.expanduser("~/.cache/nanorlhf/bench")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PHASES = ("generation", "policy fwd+bwd", "no-grad forwards", "scoring", "optimizer")
