@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+import memory_plan as mp  # beside this file (sys.path[0] when it runs)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PARTS = ("scripts", "resume", "evaluate", "padding", "sampler", "memory", "scale")
@@ -173,21 +175,25 @@ def check_sampler(model):
                f"({hf / ours:.2f}x), decode {1000 * ours / 64:.1f} ms/token")
 
 
+def planned_bytes(s, method, fsdp, rows, response_length, gradient_checkpointing=False):
+    """memory_plan.py's total for a 1-process --bf16 run of these flags on the world's prompts (~24 tokens)."""
+    a = argparse.Namespace(method=method, nproc=1, fsdp=fsdp, bf16=True, use_peft=False, lora_params=0,
+                           gradient_checkpointing=gradient_checkpointing, sharded_generation=False,
+                           per_device_train_batch_size=rows, gradient_accumulation_steps=1, rows_per_step=rows,
+                           local_rollout_forward_batch_size=64, prompt_length=24, response_length=response_length,
+                           max_length=1024, attn_scores=False)
+    return sum(mp.plan(a, s).values())
+
+
 def check_memory(model, tmp):
-    """Measured peak (rank 0, torch.cuda.max_memory_allocated) against memory_plan.py's plan of the same flags."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import memory_plan as mp
+    """Measured peak (torch.cuda.max_memory_allocated) against memory_plan.py's plan of the same flags."""
     s = mp.shape(mp.load_config(*model))
     for run, method, fsdp in (("rloo-ddp", "rloo", False), ("rloo-fsdp", "rloo", True), ("ppo-ddp", "ppo", False)):
         path = os.path.join(tmp, run, "run_complete.json")
         if not os.path.exists(path):
             continue
         peak = json.load(open(path))["peak_memory_bytes"]
-        a = argparse.Namespace(method=method, nproc=1, fsdp=fsdp, bf16=True, use_peft=False, lora_params=0,
-                               gradient_checkpointing=False, sharded_generation=False, per_device_train_batch_size=16,
-                               gradient_accumulation_steps=1, rows_per_step=16, local_rollout_forward_batch_size=64,
-                               prompt_length=24, response_length=48, max_length=1024, attn_scores=False)
-        planned = sum(mp.plan(a, s).values())
+        planned = planned_bytes(s, method, fsdp, rows=16, response_length=48)
         report(f"peak memory vs plan: {run}", abs(planned - peak) <= 0.3 * peak,
                f"measured {peak / 2**30:.2f} GB, planned {planned / 2**30:.2f} GB ({(planned - peak) / peak:+.0%})")
 
@@ -199,8 +205,6 @@ def random_model(preset, model, folder):
     import torch
     import nanorlhf as nr
     from transformers import AutoModelForCausalLM
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import memory_plan as mp
     tok = nr.load_tokenizer(*model)
     cfg = mp.load_config(preset)
     cfg.vocab_size, cfg.pad_token_id, cfg.eos_token_id = len(tok), tok.pad_token_id, tok.eos_token_id
@@ -211,8 +215,6 @@ def random_model(preset, model, folder):
 
 
 def check_scale(model, prompts, tmp, preset="qwen2.5-1.5b"):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import memory_plan as mp
     folder = os.path.join(tmp, preset)
     cfg = random_model(preset, model, folder)
     out = os.path.join(tmp, f"{preset}-rloo")
@@ -225,11 +227,7 @@ def check_scale(model, prompts, tmp, preset="qwen2.5-1.5b"):
         return report(check, False, r.stderr.strip().splitlines()[-1][:150] if r.stderr.strip() else "failed")
     finite = all(math.isfinite(v) for rec in records(out) for v in rec.values() if isinstance(v, (int, float)))
     peak = json.load(open(os.path.join(out, "run_complete.json")))["peak_memory_bytes"]
-    a = argparse.Namespace(method="rloo", nproc=1, fsdp=True, bf16=True, use_peft=False, lora_params=0,
-                           gradient_checkpointing=True, sharded_generation=False, per_device_train_batch_size=8,
-                           gradient_accumulation_steps=1, rows_per_step=8, local_rollout_forward_batch_size=64,
-                           prompt_length=24, response_length=64, max_length=1024, attn_scores=False)
-    planned = sum(mp.plan(a, mp.shape(cfg)).values())
+    planned = planned_bytes(mp.shape(cfg), "rloo", True, rows=8, response_length=64, gradient_checkpointing=True)
     report(check, finite and abs(planned - peak) <= 0.3 * peak,
            f"{wall:.0f} s, {'finite' if finite else 'NON-FINITE metric'}, peak {peak / 2**30:.2f} GB, planned "
            f"{planned / 2**30:.2f} GB ({(planned - peak) / peak:+.0%})")

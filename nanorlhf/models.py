@@ -97,8 +97,7 @@ def save_hf(model, tokenizer, output_dir, state_dict):
         text = f.read().replace('"FSDP', '"')
     with open(cfg, "w") as f:
         f.write(text)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):  # config last
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    _move_into(tmp, output_dir)
     os.rmdir(tmp)
 
 

@@ -161,8 +161,11 @@ class Scorer:
         self.model.eval().requires_grad_(False)
         shard(self.model, bf16) if fsdp else self.model.to(device)
         self.rm_tokenizer = load_tokenizer(reward_model_path)
-        self.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-                               and self.rm_tokenizer.chat_template == tokenizer.chat_template)
+        self.same_tokenizer = self._reads_ids_of(tokenizer)
+
+    def _reads_ids_of(self, tokenizer):  # the policy's ids are the reward model's: same vocabulary and template
+        return self.rm_tokenizer.get_vocab() == tokenizer.get_vocab() and self.rm_tokenizer.chat_template == \
+            tokenizer.chat_template
 
     def with_tokenizer(self, tokenizer):
         """The same reward (the model loaded once) for a policy that writes with another tokenizer."""
@@ -170,9 +173,7 @@ class Scorer:
             return self
         other = copy.copy(self)
         other.tokenizer = tokenizer
-        if self.model is not None:
-            other.same_tokenizer = (self.rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-                                    and self.rm_tokenizer.chat_template == tokenizer.chat_template)
+        other.same_tokenizer = self.model is not None and self._reads_ids_of(tokenizer)  # (a function: unused)
         return other
 
     @torch.no_grad()

