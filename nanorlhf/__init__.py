@@ -12,13 +12,13 @@ from .data import (MissingSplit, encode, epoch_order, held_out, keep_end, load_r
 from .dist import (all_reduce_metrics, check_finite, checkpoints, full_state_dict, global_mean_var, global_whiten,
                    init_distributed, is_main, load_checkpoint, load_hf, load_tokenizer, print0, rng_state,
                    save_checkpoint, set_rng_state, shard, shutdown, transformer_blocks)
-from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, nash_md_loss, ppo_clip_loss, rloo_advantages,
-                     value_loss, xpo_loss)
+from .losses import (bradley_terry_loss, dpo_loss, gae_advantages, grpo_advantages, grpo_loss, nanstd, nash_md_loss,
+                     ppo_clip_loss, rloo_advantages, value_loss, xpo_loss)
 from .models import AdapterOff, add_lora, disable_dropout, policy_and_reference, save_adapter, save_hf, save_policy
 from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean,
                   position_ids_from_mask, prompt_forward, selective_log_softmax,
                   truncate_at_eos)
-from .rewards import (Scorer, call_reward_fn, head_logits, last_token_index, load_function, max_positions,
+from .rewards import (Scorer, call_reward_fn, call_reward_funcs, head_logits, last_token_index, load_function, max_positions,
                       reward_model_scores, rm_sequences, score_completions, token_values, mean_interval,
                       win_outcomes, win_rate_interval)
 from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, preempted, require_steps,

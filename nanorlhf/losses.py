@@ -108,3 +108,78 @@ def nash_md_loss(logps, ref_logps, mask, probabilities, beta):
     score = (probabilities - 0.5) * (logps * mask).sum(-1)  # (B,)
     loss = (beta * kl_term - score).mean()
     return loss, {"kl": log_ratio.sum(-1).mean(), "score": score.mean().detach()}
+
+
+def nanstd(x, dim=None):
+    """Sample standard deviation (ddof 1) ignoring NaN; NaN where fewer than 2 values (TRL's nanstd)."""
+    n = (~x.isnan()).sum(dim)
+    var = ((x - x.nanmean(dim, keepdim=dim is not None)) ** 2).nansum(dim) / (n - 1).clamp(min=1)
+    return torch.where(n > 1, var.sqrt(), torch.nan)
+
+
+def grpo_advantages(rewards, num_generations, scale_rewards="group"):
+    """GRPO advantages of rewards (G*B,) in [G, B] layout (row j*B + b = sample j of prompt b, G = num_generations):
+    A = (r - mean of the prompt's group) / (std + 1e-4), std the group's sample std ("group"), the whole batch's
+    ("batch"), or no division ("none": Dr. GRPO). NaN rewards (unscorable) stay out of means and stds and get A = 0,
+    as TRL's. Returns (advantages (G*B,), std (G*B,): the std each row was divided by; "none": its group's)."""
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards {scale_rewards!r}: use group, batch or none")
+    if num_generations < 2 or rewards.numel() % num_generations:
+        raise ValueError(f"grpo_advantages needs num_generations >= 2 dividing {rewards.numel()} rewards")
+    R = rewards.view(num_generations, -1)  # (G, B)
+    std = nanstd(R).expand_as(R) if scale_rewards == "batch" else nanstd(R, 0).expand_as(R)
+    adv = R - R.nanmean(0)
+    if scale_rewards != "none":
+        adv = adv / (std + 1e-4)
+    return adv.nan_to_num(0.0).reshape(-1), std.reshape(-1)
+
+
+def grpo_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
+              ref_logps=None, importance_sampling_level="token", max_completion_length=None,
+              use_bias_correction_kl=True, num_items_in_batch=None):
+    """GRPO's clipped objective (TRL 1.16's `_compute_loss`) on per-token (B, T) log-probs, advantages (B,), mask
+    (B, T) bool. rho = exp(l - l_old) per token, or per sequence ("sequence", GSPO: exp of the mean log-ratio);
+    loss_t = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), or "cispo": -sg(min(rho, eps_high)) A l_t; plus
+    beta k3 = beta (exp(lref - l) - (lref - l) - 1), times rho with use_bias_correction_kl. Aggregated by loss_type:
+    "grpo" mean over each completion's tokens, then over completions; "bnpo" mean over the batch's tokens; "dr_grpo"
+    sum / (B x max_completion_length); "dapo" and "cispo" sum / num_items_in_batch, the completion tokens of the
+    whole optimizer step (all micro-batches and processes): this batch's share, so shares add up to the step's loss.
+    Returns (loss, stats {name: (sum, count)}: k3 kl, clip_ratio/low_mean, /high_mean, /region_mean or
+    cispo_clip_ratio; counted over tokens, or over completions at sequence level)."""
+    m = mask.bool()
+    log_ratio = torch.where(m, logps - old_logps, 0.0)
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio.sum(-1) / m.sum(-1).clamp(min=1)).unsqueeze(-1)  # (B, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level {importance_sampling_level!r}: use token or sequence")
+    ratio, A = torch.exp(log_ratio), advantages.unsqueeze(-1)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * A * logps
+    else:
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
+    stats = {}
+    if beta:
+        d = torch.where(m, ref_logps - logps, 0.0)
+        kl = (torch.exp(d) - d - 1) * (ratio if use_bias_correction_kl else 1.0)
+        per_token = per_token + beta * kl
+        stats["kl"] = ((kl * m).sum().detach(), m.sum())
+    total = (per_token * m).sum()
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = total / m.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = total / (len(logps) * max_completion_length)
+    elif loss_type in ("dapo", "cispo"):
+        loss = total / max(num_items_in_batch if num_items_in_batch is not None else m.sum().item(), 1)
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: use grpo, bnpo, dr_grpo, dapo or cispo")
+    n = m.sum() if ratio.shape[-1] > 1 else torch.tensor(len(ratio))
+    w = m if ratio.shape[-1] > 1 else 1.0
+    if loss_type == "cispo":
+        stats["cispo_clip_ratio"] = ((((ratio > epsilon_high) & (A > 0)) * w).sum(), n)
+    else:
+        low, high = (ratio < 1 - epsilon_low) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
+        for name, x in (("low_mean", low), ("high_mean", high), ("region_mean", low | high)):
+            stats[f"clip_ratio/{name}"] = ((x * w).sum(), n)
+    return loss, stats

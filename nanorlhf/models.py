@@ -9,19 +9,22 @@ from .config import InputError, usage_error, writing
 from .dist import full_state_dict, is_main, load_hf, shard
 
 
-def policy_and_reference(args, device):
+def policy_and_reference(args, device, reference=True):
     """(policy, reference). The policy: float32 (trained weights), on the CPU (the script moves and wraps it), with
     --use_peft a peft model with a LoRA adapter. The reference: --sft_model_path or the initial policy, frozen, in
     float32 like the policy (under --bf16 both compute in bf16 from the same float32 weights, so the reference
     scores exactly as the initial policy: KL 0 at step 0), on device, or sharded with --fsdp (`shard`); with
-    --use_peft the policy's own base weights with the adapter off (`AdapterOff`), so no second copy is held."""
+    --use_peft the policy's own base weights with the adapter off (`AdapterOff`), so no second copy is held;
+    None when not `reference` (GRPO with beta 0)."""
     from transformers import AutoModelForCausalLM
     policy = load_hf(AutoModelForCausalLM, args.model_name_or_path, args.gguf_file)
     if args.use_peft:
         if args.sft_model_path:
             usage_error("--use_peft: the reference is the policy's base with its adapter off; drop --sft_model_path")
         policy = add_lora(policy, args, "CAUSAL_LM")
-        return policy, AdapterOff(policy)
+        return policy, AdapterOff(policy) if reference else None
+    if not reference:
+        return policy, None
     ref = load_hf(AutoModelForCausalLM, args.sft_model_path or args.model_name_or_path,
                   None if args.sft_model_path else args.gguf_file)
     if ref.config.vocab_size != policy.config.vocab_size:

@@ -1,6 +1,7 @@
 """Scoring completions: a sequence-classification reward model, or a Python function on texts."""
 import copy
 import importlib
+import inspect
 import math
 import numbers
 
@@ -97,8 +98,9 @@ def score_completions(reward_model, rm_tokenizer, prompts, completions, batch_si
 
 
 def load_function(spec):
-    """'package.module:function' -> the function (for --reward_fn / --preference_fn)."""
-    module, _, name = spec.partition(":")
+    """'package.module:function' (or TRL's dotted 'package.module.function') -> the function (--reward_fn,
+    --reward_funcs, --preference_fn)."""
+    module, _, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module or not name:
         raise InputError(f"expected 'module:function', got {spec!r}")
     try:
@@ -110,14 +112,14 @@ def load_function(spec):
     return fn
 
 
-def call_reward_fn(fn, prompts, completions, *more, low=-math.inf, high=math.inf):
-    """fn(prompts, completions, *more) -> one finite real per completion in [low, high] (a list, tuple,
-    tensor or numpy array), else InputError naming the function and the sample (a preference function
-    gets a second completion list); an exception inside fn is reported with the batch it failed on.
-    Returns a float32 tensor (B,)."""
+def call_reward_fn(fn, prompts, completions, *more, low=-math.inf, high=math.inf, kwargs=None):
+    """fn(prompts, completions, *more), or fn(**kwargs) -> one finite real per completion in [low, high] (a list,
+    tuple, tensor or numpy array; with kwargs None too, read as NaN: unscorable, as TRL's GRPO), else InputError
+    naming the function and the sample (a preference function gets a second completion list); an exception inside
+    fn is reported with the batch it failed on. Returns a float32 tensor (B,)."""
     name = getattr(fn, "__name__", fn)
     try:
-        values = fn(prompts, completions, *more)
+        values = fn(prompts, completions, *more) if kwargs is None else fn(**kwargs)
     except Exception as e:
         raise InputError(f"{name} raised {type(e).__name__}: {e} (on a batch of {len(completions)} completions; "
                          f"the first: {completions[0]!r:.120})") from e
@@ -125,15 +127,33 @@ def call_reward_fn(fn, prompts, completions, *more, low=-math.inf, high=math.inf
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
         raise InputError(f"{name} returned {values!r:.80}, expected one number per completion")
-    values = [v.item() if hasattr(v, "item") else v for v in values]
+    values = [v.item() if hasattr(v, "item") else math.nan if v is None and kwargs is not None else v for v in values]
     if len(values) != len(completions):
         raise InputError(f"{name} returned {len(values)} values for "
                          f"{len(completions)} completions")
     for i, v in enumerate(values):
-        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high):
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and (math.isfinite(v) and low <= v <= high
+                                                                             or kwargs is not None and math.isnan(v))):
             raise InputError(f"{name} returned {v!r} for sample {i} (must be a finite "
                              f"number in [{low}, {high}]); completion: {completions[i]!r:.120}")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def call_reward_funcs(funcs, prompts, completions, completion_ids, columns):
+    """TRL GRPO's reward functions, each called as fn(prompts=, completions=, completion_ids=, **columns): the
+    dataset's prompts, the completion texts (for conversational prompts [{"role": "assistant", "content": text}]),
+    the token id lists and the dataset's other columns as lists; a function without **kwargs gets the names it takes
+    (so nanorlhf.world:gold_reward works too). Returns (B, F) float32, NaN where a function returned None."""
+    if not isinstance(prompts[0], str):
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
+    kw = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    out = []
+    for fn in funcs:
+        takes = inspect.signature(fn).parameters
+        every = any(p.kind is p.VAR_KEYWORD for p in takes.values())
+        picked = {k: v for k, v in kw.items() if every or k in takes}
+        out.append(call_reward_fn(fn, prompts, completions, kwargs=picked))
+    return torch.stack(out, 1)
 
 
 class Scorer:

@@ -194,16 +194,20 @@ class Rollouts:
     @torch.no_grad()
     def evaluate(self, step, ref, scorer, prompts, prompt_ids, *, seed, tracker, gold_reward=None):
         """Held-out prompts sampled the same way each time (seeds fixed), split over ranks (padding rows keep
-        every rank's forwards equal, weight 0): eval/ reward (when a scorer), kl (summed k1 to ref), length and
-        gold_reward (gold_reward(prompt texts, completion texts)); 4 samples to samples.jsonl and the screen."""
+        every rank's forwards equal, weight 0): eval/ reward (when a scorer), kl (summed k1 to ref, when one),
+        length and gold_reward (gold_reward(prompt texts, completion texts)); 4 samples to samples.jsonl and the
+        screen."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         mine = list(range(rank, len(prompt_ids), world))
         weight = torch.tensor([1.0] * len(mine) + [0.0] * (math.ceil(len(prompt_ids) / world) - len(mine)),
                               device=self.device)
         mine += [0] * (len(weight) - len(mine))
         ids, mask, tokens, cmask = self.sample([prompt_ids[i] for i in mine], rollout_seeds(seed, mine, -1))
-        kl = (self.logprobs(self.model, ids, mask, tokens, cmask) - self.logprobs(ref, ids, mask, tokens, cmask)).sum(1)
-        sums = {"n": weight.sum(), "kl": kl @ weight, "length": cmask.sum(1).float() @ weight}
+        sums, kl = {"n": weight.sum(), "length": cmask.sum(1).float() @ weight}, torch.full((len(mine),), math.nan)
+        if ref is not None:  # (GRPO with beta 0 loads no reference)
+            kl = (self.logprobs(self.model, ids, mask, tokens, cmask) - self.logprobs(ref, ids, mask, tokens, cmask))
+            kl = kl.sum(1)
+            sums["kl"] = kl @ weight
         s = torch.zeros(len(mine), device=self.device)
         if scorer is not None:
             s, p_texts, texts = scorer([prompts[i] for i in mine], ids, mask, tokens, cmask)
@@ -213,7 +217,8 @@ class Rollouts:
         if gold_reward is not None:
             sums["gold_reward"] = torch.tensor(gold_reward(p_texts, texts), device=self.device) @ weight
         r = all_reduce_metrics({k: v.item() for k, v in sums.items()}, op="sum")
-        table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4), "kl": round(k, 4)}
+        table = [{"step": step, "prompt": p, "completion": c, "score": round(x, 4),
+                  "kl": round(k, 4) if ref is not None else None}
                  for p, c, x, k in zip(p_texts[:4], texts[:4], s.tolist(), kl.tolist())]
         tracker.table(table)  # samples.jsonl and the trackers' tables
         for row in table if is_main() else []:

@@ -33,9 +33,11 @@ VERSION = 1
 
 
 def gold_reward(prompts, completions):
-    """Gold reward of each completion text given its prompt text (see the module docstring)."""
+    """Gold reward of each completion text given its prompt text (see the module docstring); prompts and
+    completions may also be messages (TRL's GRPO reward functions get them so): their contents are read."""
+    text = lambda x: x if isinstance(x, str) else " ".join(m["content"] for m in x)  # noqa: E731
     scores = []
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(map(text, prompts), map(text, completions)):
         mood = next((w for w in prompt.split() if w in MOODS), None)
         words = [w for w in completion.split() if not w.startswith("<")]
         good, bad = MOODS.get(mood, []), [w for m, ws in MOODS.items() if m != mood for w in ws]
