@@ -342,6 +342,7 @@ start_step = nr.load_training_state(args.output_dir, policy, optimizer, schedule
 nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
 G = args.num_generations
+SHOWN = ("reward", "reward_std", "loss", "entropy", "kl", "clip_ratio/region_mean", "completions/mean_length")
 eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
 # l_old is needed only where the policy that sampled differs from the one updating: a generation batch spanning
 # several optimizer steps (TRL: gradient_accumulation_steps not a multiple of steps_per_generation x num_iterations)
@@ -426,10 +427,9 @@ for gen in range(start_step // steps_per_gen, total_gens):
                          eps=(gen + 1 - start_step // steps_per_gen) * batch_size / (time.time() - t0))
                 window = {}
                 log(m)
-                if nr.is_main():
-                    bar.write(f"step {step:>5} | reward {m['reward']:.3f} | reward_std {m['reward_std']:.3f} | loss "
-                              f"{m['loss']:.4f} | entropy {m['entropy']:.3f} | len "
-                              f"{m['completions/mean_length']:.1f} | {m['eps']:.3g} eps")
+                if nr.is_main():  # (as TRL's: a generation's metrics only in the first record after it)
+                    shown = " | ".join(f"{k.split('/')[-1]} {m[k]:.4g}" for k in SHOWN if k in m)
+                    bar.write(f"step {step:>5} | {shown} | {m['eps']:.3g} eps")
     # 4. at the end of a generation batch: evaluation and checkpoints of the steps it crossed
     done = step == total_steps
     crossed = lambda n: n and step // n > (step - steps_per_gen) // n  # noqa: E731
