@@ -52,7 +52,8 @@ def test_prepare_writes_conversational_prompts_and_numeric_answers(tmp_path):
     with open(tmp_path / "data" / "test.jsonl") as f:
         first = json.loads(f.readline())
     assert first["answer"] == "18" and first["prompt"][0]["role"] == "user"
-    assert first["prompt"][0]["content"].startswith("Janet") and first["prompt"][0]["content"].endswith('"#### <number>".')
+    text = first["prompt"][0]["content"]
+    assert text.startswith("Janet") and text.endswith('"#### <number>".')
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
     with pytest.raises(SystemExit, match="row 0: needs a question and an answer ending in '#### <number>'"):
