@@ -121,7 +121,8 @@ def plot(runs, out):
         size = (per_step or [1.0])[0] * (2 if "mixture_coef" in saved or "second_sample" in saved else 1)
         evals = [r for r in recs if "eval/kl" in r]
         if not evals:
-            raise nr.InputError(f"--plot {run}: metrics.jsonl has no eval records (eval/kl); a reward model run?")
+            raise nr.InputError(f"--plot {run}: metrics.jsonl has no eval records with eval/kl (a reward model run, "
+                                "or GRPO at beta 0, which loads no reference?)")
         curves[os.path.basename(os.path.normpath(run))] = ([r["step"] * size for r in evals], evals)
     gold = all("eval/gold_reward" in evals[0] for _, evals in curves.values())
     bases = list(dict.fromkeys(name.removesuffix("-pushed") for name in curves))  # a "-pushed" run: its base's color

@@ -30,6 +30,10 @@ METHODS = {
     "xpo": ("train_xpo.py", lambda n: ["--max_steps", n // (2 * PROMPTS), "--eval_steps", 10], [], ["--beta", 0.01]),
     "online-dpo": ("train_xpo.py", lambda n: ["--max_steps", n // (2 * PROMPTS), "--eval_steps", 10],
                    ["--second_sample", "policy", "--alpha", 0], ["--beta", 0.01]),
+    # GRPO against a learned reward: beta 0.04 (the GRPO paper's; TRL's default 0 loads no reference, so no KL
+    # to draw), 64 completions per step (16 prompts x G = 4)
+    "grpo": ("train_grpo.py", lambda n: ["--max_steps", n // 64, "--eval_steps", 10], ["--beta", 0.04],
+             ["--beta", 0.001]),
 }
 
 
@@ -63,8 +67,9 @@ def main():
         script, budget, extra, pushed = METHODS[m]
         for name, flags in [(m, extra)] + ([] if a.no_pushed else [(m + "-pushed", extra + pushed)]):
             out = os.path.join(a.out, "runs", name)
+            tables = [] if script == "train_grpo.py" else ["--num_sample_generations", 0]  # (GRPO: at evaluations)
             times[name] = sh(script, "--reward_model_path", rm, "--output_dir", out, "--overwrite_output_dir",
-                             "--num_sample_generations", 0, *budget(a.completions), *flags)
+                             *tables, *budget(a.completions), *flags)
             runs.append(out)
     sh("evaluate.py", "--model_name_or_path", *runs, "--output_dir", a.out)
     sh("evaluate.py", "--plot", *runs, "--output_dir", a.out)
