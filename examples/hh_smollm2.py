@@ -8,7 +8,8 @@ by a reward model that RL never optimized.
    TRL's budget), held-out pairwise accuracy -> OUT/rm
 3. judge: the same recipe on half B, a reward model RL never sees that never saw a pair of the reward model's
    -> OUT/judge; with --judge seed both train on A + B (TRL's amount of data), the judge from another seed
-4. RL: train_rloo.py (or --method ppo) with SmolLM2-135M-Instruct against OUT/rm on the prompts of A and B -> OUT/rl
+4. RL: train_rloo.py (--method: ppo, nash_md, xpo, online_dpo, grpo, all) with SmolLM2-135M-Instruct against
+   OUT/rm on the prompts of A and B, once per --seeds -> OUT/runs/<method>-seed<s>/rl
 5. evaluate.py on held-out prompts, the trained policy against the initial one, under OUT/rm and under OUT/judge
    -> OUT/eval_rm, OUT/eval_judge; OUT/report.md with the wall time of every stage and three sample pairs
 
@@ -53,7 +54,8 @@ RM_RECIPE = ["--per_device_train_batch_size", 16, "--learning_rate", 5e-5, "--ma
 # completions per step: RLOO k=2 samples of 8 prompts with one PPO epoch (REINFORCE with a leave-one-out
 # baseline), PPO one epoch of 16, the pairwise methods 2 completions of 8 prompts. KL weights are TRL's: kl_coef
 # 0.05 (RLOO, PPO), beta 0.1 (Nash-MD, XPO, online DPO); Nash-MD's mixture coefficient 0.5 and XPO's alpha 1e-5
-# are TRL's defaults. `budget(n)` turns n sampled completions into each script's own count.
+# are TRL's defaults; GRPO 4 prompts x G = 4 with the GRPO paper's beta 0.04 (TRL's default 0 would leave a
+# learned reward unchecked). `budget(n)` turns n sampled completions into each script's own count.
 SHARED = ["--learning_rate", 2e-5, "--temperature", 0.7]
 RL = {"rloo": ("train_rloo.py", lambda n: ["--total_episodes", n], [
     "--rloo_k", 2, "--per_device_train_batch_size", 16, "--num_ppo_epochs", 1, "--response_length", 64,
@@ -67,7 +69,10 @@ RL = {"rloo": ("train_rloo.py", lambda n: ["--total_episodes", n], [
           "--per_device_train_batch_size", 8, "--max_new_tokens", 64, "--beta", 0.1, "--alpha", 1e-5]),
       "online_dpo": ("train_xpo.py", lambda n: ["--max_steps", n // 16], [
           "--per_device_train_batch_size", 8, "--max_new_tokens", 64, "--beta", 0.1, "--second_sample", "policy",
-          "--alpha", 0])}
+          "--alpha", 0]),
+      "grpo": ("train_grpo.py", lambda n: ["--max_steps", n // 16], [
+          "--per_device_train_batch_size", 16, "--num_generations", 4, "--max_completion_length", 64, "--beta", 0.04,
+          "--logging_steps", 1])}
 
 
 def package_dir(module):
@@ -334,8 +339,9 @@ def main():
                 times[f"{method}-seed{seed} RL"] = sh((script, [
                     "--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
                     "--reward_model_path", os.path.join(out, "rm"), "--output_dir", rl, "--overwrite_output_dir",
-                    *budget(a.rl_episodes), "--max_prompt_length", 256, "--num_eval_prompts", min(32, a.eval_prompts), "--eval_steps",
-                    max(1, a.rl_episodes // 32), "--num_sample_generations", 0, "--seed", seed, *SHARED, *flags],
+                    *budget(a.rl_episodes), "--max_prompt_length", 256, "--num_eval_prompts", min(32, a.eval_prompts),
+                    "--eval_steps", max(1, a.rl_episodes // 32), "--seed", seed, *SHARED, *flags,
+                    *([] if script == "train_grpo.py" else ["--num_sample_generations", 0])],  # (GRPO: at evaluations)
                     log(rl)), threads=os.cpu_count())
                 timings(out, times)
             evals = [name for name in ("rm", "judge") if stage(os.path.join(run, f"eval_{name}"), a.redo)]

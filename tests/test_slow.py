@@ -80,7 +80,7 @@ def test_hh_smollm2_every_method_at_a_tiny_budget(tmp_path):
     for path in ("data/rm/train.jsonl", "data/judge/test.jsonl", "data/prompts/train.jsonl", "rm/model.safetensors",
                  "judge/model.safetensors", "report.md", "frontier.png", "times.json"):
         assert (out / path).exists(), path
-    for method in ("rloo", "ppo", "nash_md", "xpo", "online_dpo"):
+    for method in ("rloo", "ppo", "nash_md", "xpo", "online_dpo", "grpo"):
         for seed in (1, 2):
             run = out / "runs" / f"{method}-seed{seed}"
             assert (run / "rl" / "model.safetensors").exists(), run
@@ -88,7 +88,7 @@ def test_hh_smollm2_every_method_at_a_tiny_budget(tmp_path):
                 (res,) = json.loads((run / f"eval_{judge}" / "eval.json").read_text())["results"]
                 assert all(math.isfinite(res[k]) for k in ("win_rate", "score", "baseline_score", "kl_k1", "length"))
     text = (out / "report.md").read_text()
-    assert text.count(", pooled**") == 5 and "| total |" in text and text.count("first three held-out prompts") == 5
+    assert text.count(", pooled**") == 6 and "| total |" in text and text.count("first three held-out prompts") == 6
     r = subprocess.run(cmd[:-4] + ["--method", "rloo", "--seeds", "1"], env=env(), capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("reusing") == 5, r.stdout[-2000:]  # rm, judge, rl, 2 evaluations
     r = subprocess.run(cmd[:-4] + ["--rl_episodes", "48"], env=env(), capture_output=True, text=True)
