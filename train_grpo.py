@@ -238,9 +238,10 @@ try:
 except nr.MissingSplit as e:
     nr.print0(f"no eval split ({e})")
     eval_rows, eval_ids = [], []
-gens_per_epoch = len(train_ids) / (local_prompts * world_size)
-total_gens = math.ceil(args.max_steps / steps_per_gen) if args.max_steps > 0 else \
-    math.ceil(args.num_train_epochs * gens_per_epoch)
+per_epoch = len(train_ids) / (local_prompts * world_size)  # generation batches per epoch
+if args.max_steps > 0 and args.max_steps % steps_per_gen:
+    nr.usage_error(f"--max_steps {args.max_steps}: use a multiple of the {steps_per_gen} steps per generation batch")
+total_gens = math.ceil(args.num_train_epochs * per_epoch) if args.max_steps <= 0 else args.max_steps // steps_per_gen
 total_steps = total_gens * steps_per_gen
 nr.require_steps(total_steps, f"--max_steps {args.max_steps}, --num_train_epochs {args.num_train_epochs}: "
                                f"{len(train_ids)} prompts at {local_prompts * world_size} per generation batch")
@@ -306,10 +307,9 @@ def rewards_of(rows, ids, mask, tokens, cmask):
     cols = [scorer([r["prompt"] for r in rows], ids, mask, tokens, cmask)[0][:, None]] if scorer else []
     if funcs:
         columns = {c: [r[c] for r in rows] for c in rows[0] if c != "prompt"}
-        prompts = [r["prompt"] if not isinstance(r["prompt"], str) else p for r, p in zip(rows, p_texts)]
-        completion_ids = [t[m].tolist() for t, m in zip(tokens, cmask)]
-        cols.append(nr.call_reward_funcs(funcs, prompts, texts, completion_ids, columns).to(device))
-    return torch.cat(cols, 1), p_texts, texts
+        completion_ids = [t[m].tolist() for t, m in zip(tokens, cmask)]  # (the dataset's prompts, as TRL's)
+        cols.append(nr.call_reward_funcs(funcs, [r["prompt"] for r in rows], texts, completion_ids, columns))
+    return torch.cat([c.to(device) for c in cols], 1), p_texts, texts
 
 
 def weighted(*rollouts):  # the evaluation's score: the weighted sum of the rewards
@@ -372,7 +372,7 @@ for gen in range(start_step // steps_per_gen, total_gens):
     R = rewards.view(world_size, G, local_prompts).transpose(0, 1).reshape(-1)  # [G, P x B]
     adv, std = nr.grpo_advantages(R, G, args.scale_rewards)
     adv = adv.view(G, world_size, local_prompts)[:, rank].reshape(-1)  # this rank's rows
-    nr.check_finite(gen + 1, rewards=torch.nan_to_num(rewards), advantages=adv)
+    nr.check_finite(step + 1, rewards=torch.nan_to_num(rewards), advantages=adv)
     lengths, ends = gather(cmask.sum(1)).flatten().float(), gather(ended.long()).flatten().bool()
     rec = {"reward": rewards.nanmean(), "reward_std": nr.nanstd(rewards.flatten()),
            "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean(),
@@ -423,7 +423,7 @@ for gen in range(start_step // steps_per_gen, total_gens):
             if step % args.logging_steps == 0 or step == total_steps:
                 m = {k: sum(v) / len(v) for k, v in window.items()}
                 m.update(step=step, episode=(gen + 1) * batch_size, num_tokens=tokens_seen,
-                         epoch=(gen + 1) / gens_per_epoch,
+                         epoch=(gen + 1) / per_epoch,
                          eps=(gen + 1 - start_step // steps_per_gen) * batch_size / (time.time() - t0))
                 window = {}
                 log(m)
