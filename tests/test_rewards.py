@@ -185,3 +185,24 @@ def test_win_rate_interval_covers_by_simulation(p):
     assert abs(cover - 0.95) <= 0.02, cover
     wald = sum(lo <= p <= hi for _, lo, hi in map(mean_interval, wins)) / 2000
     assert (wald < 0.90) == (p == 0.98), wald
+
+
+def test_call_reward_funcs_as_trl():
+    from nanorlhf import call_reward_funcs
+
+    def with_kwargs(prompts, completions, completion_ids, answer, **kwargs):
+        # conversational prompts: completions come as [{"role": "assistant", "content": text}], as TRL passes them
+        return [float(c[0]["content"] == a) if len(ids) else None for c, a, ids in zip(completions, answer,
+                                                                                         completion_ids)]
+
+    def named_only(prompts, completions):  # no **kwargs: gets only what it names (the world's gold_reward style)
+        return [len(c[0]["content"]) for c in completions]
+
+    prompts = [[{"role": "user", "content": "q"}]] * 3
+    out = call_reward_funcs([with_kwargs, named_only], prompts, ["4", "5", ""], [[1], [2], []],
+                            {"answer": ["4", "4", "4"]})
+    assert out.shape == (3, 2) and out[:, 0].tolist()[:2] == [1.0, 0.0] and math.isnan(out[2, 0])
+    assert out[:, 1].tolist() == [1.0, 1.0, 0.0]
+    bad = lambda prompts, completions, **kw: [math.inf] * len(completions)  # noqa: E731
+    with pytest.raises(ValueError, match="returned inf for sample 0"):
+        call_reward_funcs([bad], ["p"], ["c"], [[1]], {})

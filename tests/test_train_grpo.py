@@ -136,3 +136,6 @@ def test_bad_inputs(world_root, tmp_path):
     err = fails(SCRIPT, *out("f"), *FAST, "--gradient_accumulation_steps", 2, "--steps_per_generation", 1)
     assert "must be a multiple of gradient_accumulation_steps = 2" in err
     assert "no function 'nope'" in fails(SCRIPT, *out("g"), "--reward_funcs", "nanorlhf.world.nope")
+    err = fails(SCRIPT, *out("h"), *FAST, "--max_steps", 3, "--steps_per_generation", 2,
+                "--per_device_train_batch_size", 8)
+    assert "--max_steps 3: use a multiple of the 2 steps per generation batch" in err
