@@ -4,10 +4,11 @@
    give the answer) and its `answer` column (the number after "####" in the reference solution)
 2. before: the initial policy answers held-out test problems greedily -> OUT/eval_before.json
 3. GRPO: train_grpo.py with two reward functions of this file, accuracy_reward (1 when the number after the last
-   "####" equals the answer) and format_reward (1 when the completion ends with a "#### <number>" line), which it
-   calls as TRL's GRPOTrainer does, with the dataset's `answer` column -> OUT/rl
-4. after: the trained policy on the same problems -> OUT/eval_after.json; OUT/report.md: accuracy and format rate
-   before and after with Wilson intervals, lengths, EOS rate, wall times and three before/after samples
+   "####" equals the answer) and format_reward (0.5 for stating "#### <number>", 1 when the completion ends with
+   that line), which it calls as TRL's GRPOTrainer does, with the dataset's `answer` column -> OUT/rl
+4. after: the trained policy on the same problems -> OUT/eval_after.json; OUT/report.md: accuracy, the rate of
+   answers that state "#### <number>" and that end with it (format), before and after with Wilson intervals,
+   lengths, EOS rate, wall times and three before/after samples
 
     pip install -e ".[hh]"                              # gguf and accelerate (to read the GGUF policy)
     python examples/gsm8k_smollm2.py                    # about 30-40 minutes on a 2-core CPU
@@ -61,12 +62,14 @@ def accuracy_reward(completions, answer, **kwargs):
 
 
 def format_reward(completions, **kwargs):
-    """1.0 when the completion's last non-empty line is "#### <number>" (and "####" appears only there)."""
+    """0.5 when the completion states "#### <number>", 1.0 when that is also its last non-empty line and its only
+    "####" (graded: SmolLM2 states it in 14% of its greedy answers but ends with it in none, so an all-or-nothing
+    reward would leave most groups of 4 samples without a difference to learn from)."""
     out = []
     for c in map(_text, completions):
         lines = [line.strip() for line in c.strip().splitlines() if line.strip()]
-        out.append(float(bool(lines) and re.fullmatch("####\\s*" + NUMBER, lines[-1]) is not None
-                         and c.count("####") == 1))
+        last = bool(lines) and re.fullmatch("####\\s*" + NUMBER, lines[-1]) is not None and c.count("####") == 1
+        out.append(0.5 * (final_answer(c) is not None) + 0.5 * last)
     return out
 
 
@@ -93,8 +96,14 @@ def prepare(data, out):
     return counts
 
 
-def evaluate(model_path, gguf, out, data, n, max_new_tokens):
-    """The model's greedy answers to the first n test problems: per-problem accuracy and format, lengths, EOS."""
+def evaluate(model_path, gguf, out, data, n, max_new_tokens, reuse=False):
+    """The model's greedy answers to the first n test problems: per-problem accuracy and format, lengths, EOS.
+    With reuse, answers already in `out` for the same model, problems and length are read again (the initial
+    policy's, when the example runs again), not regenerated."""
+    settings = {"model": model_path, "data": data, "problems": n, "max_new_tokens": max_new_tokens}
+    if reuse and os.path.exists(out) and (old := json.load(open(out))).get("settings") == settings:
+        print(f"reusing the answers in {out}", flush=True)
+        return scored(old["results"])
     sys.path.insert(0, ROOT)
     import torch
     from transformers import AutoModelForCausalLM
@@ -114,17 +123,25 @@ def evaluate(model_path, gguf, out, data, n, max_new_tokens):
         ended = nr.contains_eos(tokens, cmask, tok.eos_token_id).tolist()
         for r, text, length, end in zip(batch, texts, cmask.sum(1).tolist(), ended):
             results.append({"question": r["prompt"][0]["content"][:-len(INSTRUCTION)], "answer": r["answer"],
-                            "completion": text, "correct": accuracy_reward([text], [r["answer"]])[0],
-                            "format": format_reward([text])[0], "length": length, "eos": float(end)})
+                            "completion": text, "length": length, "eos": float(end)})
     with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"settings": settings, "results": results}, f, indent=1)
+    return scored(results)
+
+
+def scored(results):
+    """Each answer's outcomes from its text: correct, stated ("#### <number>" somewhere), format (ends with it)."""
+    for r in results:
+        r.update(correct=accuracy_reward([r["completion"]], [r["answer"]])[0],
+                 stated=float(final_answer(r["completion"]) is not None),
+                 format=float(format_reward([r["completion"]])[0] == 1.0))
     return results
 
 
 def summary(results):
     sys.path.insert(0, ROOT)
     import nanorlhf as nr
-    s = {k: nr.win_rate_interval([r[k] for r in results]) for k in ("correct", "format", "eos")}
+    s = {k: nr.win_rate_interval([r[k] for r in results]) for k in ("correct", "stated", "format", "eos")}
     s["length"] = sum(r["length"] for r in results) / len(results)
     return s
 
@@ -135,9 +152,11 @@ def report(out, before, after, times, counts, args):
     lines = [f"# GRPO on GSM8K: SmolLM2-135M-Instruct, {args.max_steps} steps\n",
              f"{counts['train']} train / {counts['test']} test problems; evaluated greedily on the first "
              f"{len(before)} test problems, {args.max_new_tokens} new tokens at most. 95% Wilson intervals.\n",
-             "| policy | accuracy | format rate | EOS rate | mean length |", "|---|---|---|---|---|"]
+             "| policy | accuracy | states \"#### n\" | ends with it (format) | EOS rate | mean length |",
+             "|---|---|---|---|---|---|"]
     for name, s in (("initial", sb), ("GRPO", sa)):
-        lines.append(f"| {name} | {fmt(s['correct'])} | {fmt(s['format'])} | {fmt(s['eos'])} | {s['length']:.1f} |")
+        lines.append(f"| {name} | {fmt(s['correct'])} | {fmt(s['stated'])} | {fmt(s['format'])} | {fmt(s['eos'])} "
+                     f"| {s['length']:.1f} |")
     solved = lambda rs: sum(r["correct"] for r in rs)  # noqa: E731
     both = sum(b["correct"] * a["correct"] for b, a in zip(before, after))
     lines += ["", f"Solved by both: {both:.0f}; only before: {solved(before) - both:.0f}; only after: "
@@ -171,7 +190,8 @@ def main():
     counts = prepare(a.data, out)
     data = os.path.join(out, "data")
     t, times["data"] = time.time(), time.time() - t
-    before = evaluate(policy, GGUF, os.path.join(out, "eval_before.json"), data, a.eval_problems, a.max_new_tokens)
+    before = evaluate(policy, GGUF, os.path.join(out, "eval_before.json"), data, a.eval_problems, a.max_new_tokens,
+                      reuse=True)
     times["evaluation before"] = time.time() - t
     os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), ROOT])  # the rewards
     times["GRPO"] = sh(("train_grpo.py", [

@@ -41,8 +41,9 @@ def test_rewards_by_hand():
     # the number after the last ####, compared as a number: right, right (commas, a final "."), right (the #### is
     # not last, but the number is the answer), no ####, the last #### is 7, a conversational completion
     assert g.accuracy_reward(completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
-    # format: the last non-empty line is "#### <number>" and the only ####
-    assert g.format_reward(completions) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # (1,200. ends in "."; two ####)
+    # format: 0.5 for stating "#### <number>", 0.5 more when that is the last non-empty line and the only ####
+    # (1,200. ends in "."; the third goes on after it; the fifth has two ####)
+    assert g.format_reward(completions) == [1.0, 0.5, 0.5, 0.0, 0.5, 1.0]
 
 
 def test_prepare_writes_conversational_prompts_and_numeric_answers(tmp_path):
@@ -72,8 +73,11 @@ def test_gsm8k_smollm2_at_a_tiny_budget(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("eval_before.json", "eval_after.json", "rl/model.safetensors", "report.md"):
         assert (tmp_path / name).exists(), name
-    after = json.loads((tmp_path / "eval_after.json").read_text())
-    assert len(after) == 4 and all(set(r) >= {"correct", "format", "length", "eos"} for r in after)
+    after = json.loads((tmp_path / "eval_after.json").read_text())["results"]
+    assert len(after) == 4 and all(set(r) >= {"completion", "answer", "length", "eos"} for r in after)
     records = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl")]
     assert any("rewards/accuracy_reward/mean" in r and "rewards/format_reward/mean" in r for r in records)
     assert "| GRPO |" in (tmp_path / "report.md").read_text()
+    # run again: the initial policy's answers are reused, the rest runs again
+    r = subprocess.run(r.args, env=env(), capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0 and r.stdout.count("reusing the answers") == 1, r.stderr[-3000:]
