@@ -99,12 +99,20 @@ def main():
         ("train_rloo.py", ["--dataset_name", t("emptycontent.jsonl"), *gold]),
         ("train_reward.py", ["--dataset_name", t("mixed.jsonl")]),
         ("train_reward.py", ["--report_to", "wandb"]),
+        # GRPO (issue 25)
+        ("train_grpo.py", ["--num_generations", "1"]), ("train_grpo.py", ["--loss_type", "sapo"]),
+        ("train_grpo.py", ["--reward_funcs", "rewards:short"]), ("train_grpo.py", ["--reward_funcs", "rewards.boom"]),
+        ("train_grpo.py", ["--reward_funcs", "nomodule.fn"]), ("train_grpo.py", ["--reward_weights", "1", "2"]),
+        ("train_grpo.py", ["--gradient_accumulation_steps", "2", "--steps_per_generation", "1"]),
+        ("train_grpo.py", ["--model_name_or_path", w("policy"), "--dataset_name", w("prompts")]),
     ]
     fast = {"train_reward.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
             "train_rloo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"],
             "train_xpo.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
             "train_nash_md.py": ["--max_steps", "2", "--per_device_train_batch_size", "4"],
             "train_ppo.py": ["--total_episodes", "16", "--per_device_train_batch_size", "8", "--response_length", "8"],
+            "train_grpo.py": ["--max_steps", "2", "--per_device_train_batch_size", "16",
+                              "--max_completion_length", "8"],
             "evaluate.py": ["--max_new_tokens", "8"]}
     print("| script | flags | exit | traceback | message |\n|---|---|---|---|---|")
     tracebacks = 0
