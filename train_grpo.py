@@ -344,14 +344,12 @@ nr.start_run(args, world_size, replace)  # everything loaded: only now is a repl
 G = args.num_generations
 SHOWN = ("reward", "reward_std", "loss", "entropy", "kl", "clip_ratio/region_mean", "completions/mean_length")
 eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
-# l_old is needed only where the policy that sampled differs from the one updating: a generation batch spanning
-# several optimizer steps (TRL: gradient_accumulation_steps not a multiple of steps_per_generation x num_iterations)
-keep_old = steps_per_gen > 1
+keep_old = steps_per_gen > 1  # l_old only when the sampling policy may differ from the updating one (TRL's rule)
 if eval_ids and start_step == 0:
     log({"step": 0, **evaluate(0)})
 policy.train()
 bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="grpo")
-t0, step, window, tokens_seen = time.time(), start_step, {}, 0
+t0, step, window, tokens_seen, step_loss = time.time(), start_step, {}, 0, 0.0
 for gen in range(start_step // steps_per_gen, total_gens):
     # 1. rollouts: prompts repeated G times, [G, B] layout (row j*B + b = sample j of prompt b)
     slots, idx = gen_prompts(gen)
@@ -365,8 +363,7 @@ for gen in range(start_step // steps_per_gen, total_gens):
     old = rl.logprobs(sampler, ids, mask, tokens, cmask, chunks) if keep_old else None
     ref_lp = rl.logprobs(ref, ids, mask, tokens, cmask, chunks) if args.beta else None
     # 2. rewards and group-relative advantages, over all ranks' completions as TRL's (no gradient)
-    per_func, _, _ = rewards_of(rows, ids, mask, tokens, cmask)  # (N, F)
-    every = gather(per_func)  # (P, N, F)
+    every = gather(rewards_of(rows, ids, mask, tokens, cmask)[0])  # (P, N, F): each rank's (N, F)
     rewards = (every * weights.to(device)).nansum(2)  # (P, N), NaN where no function could score
     rewards[every.isnan().all(2)] = math.nan
     R = rewards.view(world_size, G, local_prompts).transpose(0, 1).reshape(-1)  # [G, P x B]
@@ -404,15 +401,17 @@ for gen in range(start_step // steps_per_gen, total_gens):
                     args.importance_sampling_level, args.max_completion_length, args.use_bias_correction_kl,
                     num_items)
                 # dapo / cispo: each micro-batch's share of the step's token mean, summed; DDP then averages ranks
-                (loss * (world_size if args.loss_type in ("dapo", "cispo") else 1 / accum)).backward()
+                (scaled := loss * (world_size if args.loss_type in ("dapo", "cispo") else 1 / accum)).backward()
+            step_loss += scaled.item()  # the loss of the step: summed over micro-batches, averaged over ranks
             st["entropy"] = ((ent.float() * loss_mask[rws]).sum(), loss_mask[rws].sum())
             for key, v in global_means(st).items():
                 window.setdefault(key, []).append(v)
-            window.setdefault("loss", []).append(nr.all_reduce_metrics({"l": loss.item()})["l"])
             if not last:
                 continue
+            window.setdefault("loss", []).append(nr.all_reduce_metrics({"l": step_loss})["l"])
+            step_loss = 0.0
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm or float("inf"))
-            nr.check_finite(step + 1, loss=loss.item(), grad_norm=grad_norm)
+            nr.check_finite(step + 1, loss=window["loss"][-1], grad_norm=grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             window.setdefault("learning_rate", []).append(scheduler.get_last_lr()[0])

@@ -61,7 +61,7 @@ def test_one_and_two_processes_train_the_same(world_root, tmp_path, extra):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     m1, m2 = _train(tmp_path / "one"), _train(tmp_path / "two")
-    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "kl", "entropy"):
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "kl", "entropy", "loss"):
         assert m1[-1][key] == pytest.approx(m2[-1][key], abs=1e-5), key
 
 
