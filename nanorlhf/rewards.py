@@ -108,7 +108,7 @@ def load_function(spec):
     except ImportError as e:
         raise InputError(f"{spec}: cannot import {module} ({e}); is its folder on PYTHONPATH?") from e
     if not callable(fn):
-        raise InputError(f"{spec}: {module} has no function {name!r}")
+        raise InputError(f"{spec}: {module} has no function {name!r} (expected 'module:function' or module.function)")
     return fn
 
 

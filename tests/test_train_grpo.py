@@ -45,7 +45,9 @@ def test_beta_zero_loads_no_reference(world_root, tmp_path):
     assert "eval step 1" in r.stdout
 
 
-@pytest.mark.parametrize("extra", [["--loss_type", "dapo"], ["--loss_type", "grpo", "--scale_rewards", "batch"],
+@pytest.mark.parametrize("extra", [["--loss_type", "dapo"],
+                                   pytest.param(["--loss_type", "grpo", "--scale_rewards", "batch"],
+                                                marks=pytest.mark.slow),
                                    ["--fsdp", "--loss_type", "dapo"]], ids=["ddp-dapo", "ddp-grpo-batch", "fsdp"])
 def test_one_and_two_processes_train_the_same(world_root, tmp_path, extra):
     # the same 16 completions per step: 16 x 1 process, or 8 x 2 (each rank 2 prompts' groups); dapo's token mean
