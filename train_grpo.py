@@ -348,7 +348,8 @@ keep_old = steps_per_gen > 1  # l_old only when the sampling policy may differ f
 if eval_ids and start_step == 0:
     log({"step": 0, **evaluate(0)})
 policy.train()
-bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="grpo")
+bar = tqdm(total=total_steps, initial=start_step, mininterval=2.0, desc="grpo",
+           disable=not nr.is_main() or None)  # None: no bar when stderr is no terminal (a log: the step lines only)
 t0, step, window, tokens_seen, step_loss = time.time(), start_step, {}, 0, 0.0
 for gen in range(start_step // steps_per_gen, total_gens):
     # 1. rollouts: prompts repeated G times, [G, B] layout (row j*B + b = sample j of prompt b)

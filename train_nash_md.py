@@ -285,7 +285,8 @@ table_every = max(1, total_steps // args.num_sample_generations) if args.num_sam
 if eval_ids and start_step == 0:
     log({"step": 0, **evaluate(0)})
 policy.train()
-bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="nash-md")
+bar = tqdm(total=total_steps, initial=start_step, mininterval=2.0, desc="nash-md",
+           disable=not nr.is_main() or None)  # None: no bar when stderr is no terminal (a log: the step lines only)
 t0 = time.time()
 for step in range(start_step, total_steps):
     beta, alpha = beta_at(step / total_steps), alpha_at(step / total_steps)

@@ -350,7 +350,8 @@ table_every = max(1, total_steps // args.num_sample_generations) if args.num_sam
 if eval_ids and start_step == 0:
     log({"step": 0, **evaluate(0)})
 both.train()
-bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="ppo")
+bar = tqdm(total=total_steps, initial=start_step, mininterval=2.0, desc="ppo",
+           disable=not nr.is_main() or None)  # None: no bar when stderr is no terminal (a log: the step lines only)
 t0 = time.time()
 for step in range(start_step, total_steps):
     # 1. rollouts: one completion per prompt; old log-probs, values, reference log-probs and scores

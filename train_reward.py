@@ -295,7 +295,8 @@ start_step = nr.load_training_state(args.output_dir, model, optimizer, scheduler
 nr.start_run(args, world_size, replace)  # everything loaded: only now is a replaced run's state removed
 
 model.train()
-bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="reward")
+bar = tqdm(total=total_steps, initial=start_step, mininterval=2.0, desc="reward",
+           disable=not nr.is_main() or None)  # None: no bar when stderr is no terminal (a log: the step lines only)
 t0, pairs_done, window = time.time(), 0, resumed["window"]
 for step in range(start_step, total_steps):
     stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}

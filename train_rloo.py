@@ -309,7 +309,8 @@ table_every = max(1, total_steps // args.num_sample_generations) if args.num_sam
 if eval_ids and start_step == 0:
     log({"step": 0, **evaluate(0)})
 policy.train()
-bar = tqdm(total=total_steps, initial=start_step, disable=not nr.is_main(), mininterval=2.0, desc="rloo")
+bar = tqdm(total=total_steps, initial=start_step, mininterval=2.0, desc="rloo",
+           disable=not nr.is_main() or None)  # None: no bar when stderr is no terminal (a log: the step lines only)
 t0 = time.time()
 for step in range(start_step, total_steps):
     # 1. rollouts: prompts repeated k times, [k, B] layout (row j*B + b = sample j of prompt b)

@@ -34,3 +34,19 @@ def test_scripts_link_the_math():
     for script in ("train_rloo.py", "train_ppo.py", "train_nash_md.py", "train_xpo.py", "train_reward.py",
                    "evaluate.py"):
         assert "docs/methods.md" in open(os.path.join(ROOT, script)).read(), script
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    # the README's "Run the tests" command, step by step, is .ci/run's (CI runs exactly what the README says)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("**Run the tests**", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    steps = [s.strip() for s in block.split("&&")]
+    ci = [line.split("#")[0].strip() for line in open(os.path.join(ROOT, ".ci", "run")) if line.strip()]
+    ci = [line.replace("pip install -q", "pip install") for line in ci if line and not line.startswith(("set ", "cd "))]
+    *setup, test = steps
+    assert ci[:len(setup)] == setup, (ci, setup)
+    env, command = test.rsplit(" python ", 1)
+    assert ci[len(setup):] == [f"export {env}", f"python {command}"], ci
+    # and the main job's command sets up the same way before it runs the world's pipeline
+    main = readme.split("**Run the main job**", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert main.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install")

@@ -141,3 +141,22 @@ def test_bad_inputs(world_root, tmp_path):
     err = fails(SCRIPT, *out("h"), *FAST, "--max_steps", 3, "--steps_per_generation", 2,
                 "--per_device_train_batch_size", 8)
     assert "--max_steps 3: use a multiple of the 2 steps per generation batch" in err
+
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_rloo.py"])
+def test_a_log_file_gets_the_step_lines_and_no_progress_bar(world_root, tmp_path, script):
+    # output to a file (not a terminal): tqdm's redrawn bars ("\r...") stay out, the step lines stay in
+    import subprocess
+    import sys
+
+    from scripts import ROOT, env
+    e = {k: v for k, v in env().items() if k != "TQDM_DISABLE"}
+    budget = ["--max_steps", 2] if script == "train_grpo.py" else ["--total_episodes", 128]
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--output_dir", str(tmp_path / "run"),
+                            *map(str, budget), "--num_eval_prompts", "8"], env=e, stdout=out, stderr=err)
+    assert r.returncode == 0
+    out, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert "step     1 |" in out and "step     2 |" in out
+    assert f"{script[6:-3]}:" not in out + err  # no "grpo:  50%|..." bar (transformers' own load and save bars
+    # come once, before and after the training)
