@@ -31,8 +31,8 @@ def test_relative_links_resolve():
 
 
 def test_scripts_link_the_math():
-    for script in ("train_rloo.py", "train_ppo.py", "train_nash_md.py", "train_xpo.py", "train_reward.py", "train_grpo.py",
-                   "evaluate.py"):
+    for script in ("train_rloo.py", "train_ppo.py", "train_nash_md.py", "train_xpo.py", "train_reward.py",
+                   "train_grpo.py", "evaluate.py"):
         assert "docs/methods.md" in open(os.path.join(ROOT, script)).read(), script
 
 
