@@ -10,7 +10,7 @@ built on the meta device from its config); activations follow a per-layer count 
 
     python benchmarks/memory_plan.py --model Qwen/Qwen2.5-1.5B-Instruct --method rloo --nproc 8 --fsdp --bf16
     python benchmarks/memory_plan.py --model qwen2.5-7b --method ppo --nproc 8 --fsdp --bf16 --device_gb 80
-    python benchmarks/memory_plan.py --table                    # the README's table: 0.5B / 1.5B / 7B on 8 x 80 GB
+    python benchmarks/memory_plan.py --table                    # docs/speed.md's table: 0.5B / 1.5B / 7B on 8 x 80 GB
     python benchmarks/memory_plan.py --validate                 # plan against measured peak RSS on this CPU
 
 The plan counts what the scripts allocate; an accelerator adds its own context (CUDA: ~0.5 GB) and allocator
@@ -213,7 +213,7 @@ def lora_params(s, r):
 
 
 def table(a):
-    """The README's table: Qwen2.5-class models on 8 x 80 GB, --fsdp --bf16, RLOO / Nash-MD / PPO, batch 8 x 2
+    """docs/speed.md's table: Qwen2.5-class models on 8 x 80 GB, --fsdp --bf16, RLOO / Nash-MD / PPO, batch 8 x 2
     completions of 256 + 256 tokens per GPU, a reward model of the policy's size."""
     print("| model | method | plan per GPU (8 x 80 GB, --fsdp --bf16) | fits | largest parts |")
     print("|---|---|---|---|---|")
