@@ -143,7 +143,7 @@ def test_bad_inputs(world_root, tmp_path):
     assert "--max_steps 3: use a multiple of the 2 steps per generation batch" in err
 
 
-@pytest.mark.parametrize("script", ["train_grpo.py", "train_rloo.py"])
+@pytest.mark.parametrize("script", ["train_grpo.py", pytest.param("train_rloo.py", marks=pytest.mark.slow)])
 def test_a_log_file_gets_the_step_lines_and_no_progress_bar(world_root, tmp_path, script):
     # output to a file (not a terminal): tqdm's redrawn bars ("\r...") stay out, the step lines stay in
     import subprocess
