@@ -57,8 +57,8 @@ def _text(completion):  # TRL passes a conversational completion as [{"role": "a
 
 def accuracy_reward(completions, answer, **kwargs):
     """1.0 when the number after the last "####" equals the reference answer, else 0.0."""
-    return [float(final_answer(_text(c)) is not None and final_answer(_text(c)) == number(a))
-            for c, a in zip(completions, answer)]
+    stated = [final_answer(_text(c)) for c in completions]
+    return [float(x is not None and x == number(a)) for x, a in zip(stated, answer)]
 
 
 def format_reward(completions, **kwargs):

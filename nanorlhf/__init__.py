@@ -18,8 +18,8 @@ from .models import AdapterOff, add_lora, disable_dropout, policy_and_reference,
 from .ops import (completion_logprobs, contains_eos, entropy_from_logits, kl_estimators, masked_mean,
                   position_ids_from_mask, prompt_forward, selective_log_softmax,
                   truncate_at_eos)
-from .rewards import (Scorer, call_reward_fn, call_reward_funcs, head_logits, last_token_index, load_function, max_positions,
-                      reward_model_scores, rm_sequences, score_completions, token_values, mean_interval,
+from .rewards import (Scorer, call_reward_fn, call_reward_funcs, head_logits, last_token_index, load_function,
+                      max_positions, reward_model_scores, rm_sequences, score_completions, token_values, mean_interval,
                       win_outcomes, win_rate_interval)
 from .runs import (append_jsonl, check_output_dir, finish_run, load_training_state, preempted, require_steps,
                    save_training_state, start_run)

@@ -146,9 +146,9 @@ def grpo_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon_low=
     whole optimizer step (all micro-batches and processes): this batch's share, so shares add up to the step's loss.
     Returns (loss, stats {name: (sum, count)}: k3 kl, clip_ratio/low_mean, /high_mean, /region_mean or
     cispo_clip_ratio; counted over tokens, or over completions at sequence level)."""
-    m = mask.bool()
+    m, seq = mask.bool(), importance_sampling_level == "sequence"
     log_ratio = torch.where(m, logps - old_logps, 0.0)
-    if importance_sampling_level == "sequence":
+    if seq:
         log_ratio = (log_ratio.sum(-1) / m.sum(-1).clamp(min=1)).unsqueeze(-1)  # (B, 1)
     elif importance_sampling_level != "token":
         raise ValueError(f"importance_sampling_level {importance_sampling_level!r}: use token or sequence")
@@ -174,8 +174,7 @@ def grpo_loss(logps, old_logps, advantages, mask, loss_type="dapo", epsilon_low=
         loss = total / max(num_items_in_batch if num_items_in_batch is not None else m.sum().item(), 1)
     else:
         raise ValueError(f"loss_type {loss_type!r}: use grpo, bnpo, dr_grpo, dapo or cispo")
-    n = m.sum() if ratio.shape[-1] > 1 else torch.tensor(len(ratio))
-    w = m if ratio.shape[-1] > 1 else 1.0
+    n, w = (torch.tensor(len(ratio)), 1.0) if seq else (m.sum(), m)  # per completion, or per (real) token
     if loss_type == "cispo":
         stats["cispo_clip_ratio"] = ((((ratio > epsilon_high) & (A > 0)) * w).sum(), n)
     else:

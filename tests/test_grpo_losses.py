@@ -113,6 +113,14 @@ def test_sequence_level_gspo():
     assert loss("bnpo", importance_sampling_level="sequence")[0] == pytest.approx(0.2537898, abs=1e-6)
 
 
+def test_one_token_completions_count_their_real_tokens():
+    # token level with T = 1 (not to be read as one ratio per completion): row 1 is masked out, so of the one real
+    # token (rho 1.5, A = 1, high-clipped) the clip ratio is 1/1, not 1/2
+    _, stats = grpo_loss(torch.tensor([[-1.0], [-2.0]]), torch.tensor([[-1.0 - math.log(1.5)], [-9.0]]), A,
+                         torch.tensor([[True], [False]]), "bnpo")
+    assert {k: (s / n).item() for k, (s, n) in stats.items()}["clip_ratio/high_mean"] == pytest.approx(1.0)
+
+
 def test_cispo_by_hand():
     # -sg(min(rho, eps_high)) A l, eps_high 1.2 a cap of the ratio itself:
     # row 0: -1.2 x 1 x -1 = 1.2; -0.5 x 1 x -2 = 1.0; row 1: -1.1 x -1 x -0.5 = -0.55; -0.7 x -1 x -1 = -0.7;
