@@ -16,7 +16,6 @@ the mean completion length each side sampled (sampling differs: the lengths do t
 (The TRL venv: python -m venv v && v/bin/pip install torch==2.13.0 trl==1.16.0 transformers==5.24.0)
 """
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -70,16 +69,14 @@ def smollm2_hf():
 
 
 def prompts(n):
-    """The first n GSM8K train problems as examples/gsm8k_smollm2.py writes them."""
+    """The first n GSM8K train problems as examples/gsm8k_smollm2.py prepares them (its `prepare`)."""
     sys.path.insert(0, os.path.join(ROOT, "examples"))
-    from gsm8k_smollm2 import INSTRUCTION
+    from gsm8k_smollm2 import GSM8K, prepare
+    prepare(GSM8K, os.path.join(CACHE, "gsm8k"))
     path = os.path.join(CACHE, f"gsm8k-{n}", "train.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with gzip.open(os.path.join(ROOT, "examples", "data", "gsm8k", "train.jsonl.gz"), "rt") as f, open(path, "w") as o:
-        for _, line in zip(range(n), f):
-            r = json.loads(line)
-            o.write(json.dumps({"prompt": [{"role": "user", "content": r["question"] + INSTRUCTION}],
-                                "answer": r["answer"].split("####")[-1].strip()}) + "\n")
+    with open(os.path.join(CACHE, "gsm8k", "data", "train.jsonl")) as f, open(path, "w") as o:
+        o.writelines(line for _, line in zip(range(n), f))
     return path
 
 
@@ -137,7 +134,7 @@ def main():
         print(f"| {i} | {name} | {s:.2f} | {1000 * s / (16 * length):.2f} | {length:.1f} |")
     trl = [s for _, n, s, _ in rows if n.startswith("TRL")]
     ours = [s for _, n, s, _ in rows if n.startswith("nano")]
-    print(f"\nspeed-up (TRL s/step / nanorlhf s/step), per round: "
+    print("\nspeed-up (TRL s/step / nanorlhf s/step), per round: "
           + ", ".join(f"{t / o:.2f}x" for t, o in zip(trl, ours)))
 
 
