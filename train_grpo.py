@@ -211,7 +211,6 @@ if spg * args.num_iterations % accum:
                    f"generation batch must be a multiple of gradient_accumulation_steps = {accum}")
 steps_per_gen = spg * args.num_iterations // accum  # optimizer steps per generation batch
 local_prompts = local_batch // args.num_generations
-use_bf16 = args.bf16
 torch.manual_seed(args.seed)
 
 replace = nr.check_output_dir(args, world_size)  # refuse to mix or lose runs; nothing is deleted yet
@@ -221,13 +220,14 @@ tokenizer = nr.load_tokenizer(args.model_name_or_path, args.gguf_file)  # pad = 
 
 
 def load_prompts(split):
-    """(rows: the dataset's prompt and other columns per kept row, prompt ids) of a split."""
+    """(rows: each kept prompt, with prompt-only data its row's other columns (the reward functions' keywords), ids);
+    preference rows give their prompts only (the pairs prompts_of drops would shift the rows)."""
     ds = nr.load_rows(args.dataset_name, split)
     prompts = nr.prompts_of(ds, f"{args.dataset_name} [{split}]")
     rows, dropped = nr.tokenize_prompts(tokenizer, prompts, args.max_prompt_length)
     nr.print0(f"prompts [{split}]: {len(rows)} kept, {dropped} dropped > max_prompt_length {args.max_prompt_length}")
-    columns = [c for c in ds.column_names if c != "prompt"]  # the reward functions' keyword arguments
-    return [dict(prompt=prompts[i], **{c: ds[i][c] for c in columns}) for i, _ in rows], [ids for _, ids in rows]
+    columns = {} if "chosen" in ds.column_names else {c: ds[c] for c in ds.column_names if c != "prompt"}  # once
+    return [dict(prompt=prompts[i], **{c: v[i] for c, v in columns.items()}) for i, _ in rows], [ids for _, ids in rows]
 
 
 train_rows, train_ids = load_prompts(args.dataset_train_split)
@@ -270,13 +270,13 @@ policy.config.pad_token_id = tokenizer.pad_token_id
 nr.disable_dropout(policy)  # as TRL: no dropout, so old and new log-probs differ only by the update
 if args.gradient_checkpointing:
     policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-scorer = nr.Scorer(tokenizer, args.reward_model_path, device=device, fsdp=args.fsdp, bf16=use_bf16,
+scorer = nr.Scorer(tokenizer, args.reward_model_path, device=device, fsdp=args.fsdp, bf16=args.bf16,
                    batch_size=args.local_rollout_forward_batch_size) if args.reward_model_path else None
 funcs = [nr.load_function(spec) for spec in args.reward_funcs]
 names = ([os.path.basename(args.reward_model_path.rstrip("/"))] if scorer else []) + [f.__name__ for f in funcs]
 weights = torch.tensor(args.reward_weights or [1.0] * n_rewards)
 if args.fsdp:  # FSDP2: fully_shard each transformer block, then the root (the frozen models too)
-    nr.shard(policy, use_bf16)
+    nr.shard(policy, args.bf16)
 elif world_size > 1:
     policy = DDP(policy.to(device), device_ids=[device.index] if device.type == "cuda" else None,
                  gradient_as_bucket_view=True)  # gradients live in DDP's buckets: one copy, not two
@@ -296,7 +296,7 @@ scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=
 tracker = nr.Tracker(args)  # metrics.jsonl, samples.jsonl and --report_to, opened at the first record
 log = tracker.log
 rl = nr.Rollouts(sampler, tokenizer, device=device, batch_size=args.local_rollout_forward_batch_size,
-                 bf16=use_bf16 and not args.fsdp, max_new_tokens=args.max_completion_length,
+                 bf16=args.bf16 and not args.fsdp, max_new_tokens=args.max_completion_length,
                  temperature=args.temperature, eos_token_id=[tokenizer.eos_token_id], sharded=args.sharded_generation)
 
 
