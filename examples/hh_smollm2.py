@@ -9,7 +9,8 @@ by a reward model that RL never optimized.
 3. judge: the same recipe on half B, a reward model RL never sees that never saw a pair of the reward model's
    -> OUT/judge; with --judge seed both train on A + B (TRL's amount of data), the judge from another seed
 4. RL: train_rloo.py (--method: ppo, nash_md, xpo, online_dpo, grpo, all) with SmolLM2-135M-Instruct against
-   OUT/rm on the prompts of A and B, once per --seeds -> OUT/runs/<method>-seed<s>/rl
+   OUT/rm on the prompts of A and B, once per --seeds (each method once, then the next seed)
+   -> OUT/runs/<method>-seed<s>/rl
 5. evaluate.py on held-out prompts, the trained policy against the initial one, under OUT/rm and under OUT/judge
    -> OUT/eval_rm, OUT/eval_judge; OUT/report.md with the wall time of every stage and three sample pairs
 
@@ -329,30 +330,30 @@ def main():
         "--seed", seed], log(os.path.join(out, name))) for name, seed in rms])
         timings(out, times)
     runs = {}
-    for method in methods:
+    for seed, method in ((s, m) for s in seeds for m in methods):  # every method once before the next seed
         script, budget, flags = RL[method]
-        for seed in seeds:
-            run = runs.setdefault(method, {})[seed] = os.path.join(out, "runs", f"{method}-seed{seed}")
-            rl = os.path.join(run, "rl")
-            if stage(rl, a.redo):
-                os.makedirs(run, exist_ok=True)
-                times[f"{method}-seed{seed} RL"] = sh((script, [
-                    "--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
-                    "--reward_model_path", os.path.join(out, "rm"), "--output_dir", rl, "--overwrite_output_dir",
-                    *budget(a.rl_episodes), "--max_prompt_length", 256, "--num_eval_prompts", min(32, a.eval_prompts),
-                    "--eval_steps", max(1, a.rl_episodes // 32), "--seed", seed, *SHARED, *flags,
-                    *([] if script == "train_grpo.py" else ["--num_sample_generations", 0])],  # (GRPO: at evaluations)
-                    log(rl)), threads=os.cpu_count())
-                timings(out, times)
-            evals = [name for name in ("rm", "judge") if stage(os.path.join(run, f"eval_{name}"), a.redo)]
-            if not evals:
-                continue
-            times[f"{method}-seed{seed} evaluation"] = sh(*[("evaluate.py", [
-                "--model_name_or_path", rl, "--reward_model_path", os.path.join(out, name), "--dataset_name",
-                data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64, "--max_prompt_length", 256,
-                "--output_dir", os.path.join(run, f"eval_{name}")], log(os.path.join(run, f"eval_{name}")))
-                for name in evals])
+        run = runs.setdefault(method, {})[seed] = os.path.join(out, "runs", f"{method}-seed{seed}")
+        rl = os.path.join(run, "rl")
+        if stage(rl, a.redo):
+            os.makedirs(run, exist_ok=True)
+            times[f"{method}-seed{seed} RL"] = sh((script, [
+                "--model_name_or_path", policy, "--gguf_file", GGUF, "--dataset_name", data("prompts"),
+                "--reward_model_path", os.path.join(out, "rm"), "--output_dir", rl, "--overwrite_output_dir",
+                *budget(a.rl_episodes), "--max_prompt_length", 256, "--num_eval_prompts", min(32, a.eval_prompts),
+                "--eval_steps", max(1, a.rl_episodes // 32), "--seed", seed, *SHARED, *flags,
+                *([] if script == "train_grpo.py" else ["--num_sample_generations", 0])],  # (GRPO: at evaluations)
+                log(rl)), threads=os.cpu_count())
             timings(out, times)
+        evals = [name for name in ("rm", "judge") if stage(os.path.join(run, f"eval_{name}"), a.redo)]
+        if not evals:
+            continue
+        times[f"{method}-seed{seed} evaluation"] = sh(*[("evaluate.py", [
+            "--model_name_or_path", rl, "--reward_model_path", os.path.join(out, name), "--dataset_name",
+            data("prompts"), "--num_prompts", a.eval_prompts, "--max_new_tokens", 64, "--max_prompt_length", 256,
+            "--output_dir", os.path.join(run, f"eval_{name}")], log(os.path.join(run, f"eval_{name}")))
+            for name in evals])
+        timings(out, times)
+        report(out, runs, a.judge, counts, times)  # the report so far: a long --method all shows each run as it lands
     report(out, runs, a.judge, counts, times)
 
 
