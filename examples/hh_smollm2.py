@@ -217,7 +217,8 @@ def frontier(out, runs):
 
 def report(out, runs, judge, counts, times):
     """OUT/report.md: accuracies, every run under both judges, each method pooled over its seeds, wall times, three
-    before/after pairs per method; OUT/frontier.png."""
+    before/after pairs per method; OUT/frontier.png. Methods in RL's order, whatever order they ran in."""
+    runs = {m: runs[m] for m in RL if m in runs}
     ci = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
     lines = ["# Every method on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
              (f"pairs: {counts['a']} (reward model) / {counts['b']} (judge)" if judge == "half" else
