@@ -27,9 +27,11 @@ packages are used as they are.
 """
 import argparse
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -215,10 +217,22 @@ def frontier(out, runs):
     fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
 
 
-def report(out, runs, judge, counts, times):
-    """OUT/report.md: accuracies, every run under both judges, each method pooled over its seeds, wall times, three
-    before/after pairs per method; OUT/frontier.png. Methods in RL's order, whatever order they ran in."""
-    runs = {m: runs[m] for m in RL if m in runs}
+def finished_runs(out):
+    """{method: {seed: folder}} of every run in OUT/runs whose two evaluations are complete (this invocation's and
+    earlier ones'), methods in RL's order, seeds in order."""
+    found = {}
+    for method in RL:
+        paths = glob.glob(os.path.join(out, "runs", f"{method}-seed*"))
+        for seed, path in sorted((int(p.rsplit("seed", 1)[1]), p) for p in paths if p.rsplit("seed", 1)[1].isdigit()):
+            if all(complete(os.path.join(path, f"eval_{name}")) for name in ("rm", "judge")):
+                found.setdefault(method, {})[seed] = path
+    return found
+
+
+def report(out, judge, counts, times):
+    """OUT/report.md: accuracies, every finished run in OUT under both judges, each method pooled over its seeds,
+    wall times, three before/after pairs per method; OUT/frontier.png."""
+    runs = finished_runs(out)
     ci = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
     lines = ["# Every method on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",
              (f"pairs: {counts['a']} (reward model) / {counts['b']} (judge)" if judge == "half" else
@@ -234,7 +248,7 @@ def report(out, runs, judge, counts, times):
             lines.append(f"| {method} | {seed} | {ci([rm['win_rate'], *rm['win_rate_ci']])} | "
                          f"{ci([jd['win_rate'], *jd['win_rate_ci']])} | {ci([jd['score_diff'], *jd['score_diff_ci']])}"
                          f" | {jd['kl_k1']:.2f} | {jd['length']:.1f} ({jd['baseline_length']:.1f}) | {jd['eos']:.2f} "
-                         f"({jd['baseline_eos']:.2f}) | {both_end(rows)} | {times[f'{method}-seed{seed} RL'] / 60:.1f} min |")
+                         f"({jd['baseline_eos']:.2f}) | {both_end(rows)} | {times.get(f'{method}-seed{seed} RL', math.nan) / 60:.1f} min |")
         if len(seeds) > 1:
             wins = [load_eval(r, "judge")[0]["win_rate"] for r in seeds.values()]
             lines.append(f"| **{method}, pooled** | {len(seeds)} seeds | {ci(pooled(seeds.values(), 'rm'))} | "
@@ -330,10 +344,9 @@ def main():
         "--overwrite_output_dir", "--max_steps", a.rm_steps, "--eval_steps", max(1, a.rm_steps // 2), *RM_RECIPE,
         "--seed", seed], log(os.path.join(out, name))) for name, seed in rms])
         timings(out, times)
-    runs = {}
     for seed, method in ((s, m) for s in seeds for m in methods):  # every method once before the next seed
         script, budget, flags = RL[method]
-        run = runs.setdefault(method, {})[seed] = os.path.join(out, "runs", f"{method}-seed{seed}")
+        run = os.path.join(out, "runs", f"{method}-seed{seed}")
         rl = os.path.join(run, "rl")
         if stage(rl, a.redo):
             os.makedirs(run, exist_ok=True)
@@ -354,8 +367,8 @@ def main():
             "--output_dir", os.path.join(run, f"eval_{name}")], log(os.path.join(run, f"eval_{name}")))
             for name in evals])
         timings(out, times)
-        report(out, runs, a.judge, counts, times)  # the report so far: a long --method all shows each run as it lands
-    report(out, runs, a.judge, counts, times)
+        report(out, a.judge, counts, times)  # the report so far: a long --method all shows each run as it lands
+    report(out, a.judge, counts, times)
 
 
 if __name__ == "__main__":
