@@ -15,6 +15,7 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,9 @@ METHODS = {
 
 
 def sh(script, *flags):
-    """Run a top-level script as a fresh process; returns its wall time in seconds."""
+    """Run a top-level script as a fresh process; returns its wall time in seconds. A SIGTERM to this example
+    stops the script too (subprocess.run kills its child on the SystemExit)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t = time.time()
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
     print("$", " ".join(cmd[1:]), flush=True)

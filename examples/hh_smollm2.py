@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,18 +151,28 @@ def split(data, out, judge):
 
 def sh(*jobs, threads=1):
     """Run top-level scripts of the repository, (script, flags, log file) each, side by side as fresh processes
-    with `threads` intra-op threads each, their output in the log files; returns the wall time in seconds."""
+    with `threads` intra-op threads each, their output in the log files; returns the wall time in seconds. When
+    the pipeline stops (a failed job, Ctrl-C, SIGTERM), the jobs still running stop with it: none runs on unseen."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds (the finally below) instead of dying
     t, procs = time.time(), []
-    for script, flags, log in jobs:
-        cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
-        print("$", " ".join(cmd[1:]), ">", log, flush=True)
-        with open(log, "w") as f:
-            procs.append((script, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                                        env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
-    for script, log, proc in procs:
-        if proc.wait():
-            with open(log) as f:
-                sys.exit(f"{script} failed (log: {log}):\n{f.read()[-3000:]}")
+    try:
+        for script, flags, log in jobs:
+            cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
+            print("$", " ".join(cmd[1:]), ">", log, flush=True)
+            with open(log, "w") as f:
+                procs.append((script, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
+        while any(proc.poll() is None for _, _, proc in procs):  # any job's failure is seen at once
+            time.sleep(0.5)
+            for script, log, proc in procs:
+                if proc.poll():
+                    with open(log) as f:
+                        sys.exit(f"{script} failed (log: {log}):\n{f.read()[-3000:]}")
+    finally:
+        for _, _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return time.time() - t
 
 
@@ -245,10 +256,11 @@ def report(out, judge, counts, times):
     for method, seeds in runs.items():
         for seed, run in seeds.items():
             (rm, _), (jd, rows) = load_eval(run, "rm"), load_eval(run, "judge")
+            wall = times.get(f"{method}-seed{seed} RL", math.nan)
             lines.append(f"| {method} | {seed} | {ci([rm['win_rate'], *rm['win_rate_ci']])} | "
                          f"{ci([jd['win_rate'], *jd['win_rate_ci']])} | {ci([jd['score_diff'], *jd['score_diff_ci']])}"
                          f" | {jd['kl_k1']:.2f} | {jd['length']:.1f} ({jd['baseline_length']:.1f}) | {jd['eos']:.2f} "
-                         f"({jd['baseline_eos']:.2f}) | {both_end(rows)} | {times.get(f'{method}-seed{seed} RL', math.nan) / 60:.1f} min |")
+                         f"({jd['baseline_eos']:.2f}) | {both_end(rows)} | {wall / 60:.1f} min |")
         if len(seeds) > 1:
             wins = [load_eval(r, "judge")[0]["win_rate"] for r in seeds.values()]
             lines.append(f"| **{method}, pooled** | {len(seeds)} seeds | {ci(pooled(seeds.values(), 'rm'))} | "
@@ -324,7 +336,8 @@ def main():
     settings = {k: getattr(a, k) for k in ("data", "judge", "rm_steps", "rl_episodes", "eval_prompts")}
     path = os.path.join(out, "pipeline.json")
     if os.path.exists(path) and not a.redo and (old := json.load(open(path))) != settings:
-        sys.exit(f"{out} holds a pipeline of other settings ({', '.join(f'{k} {old.get(k)}' for k in settings if old.get(k) != settings[k])}): "
+        other = ", ".join(f"{k} {old.get(k)}" for k in settings if old.get(k) != settings[k])
+        sys.exit(f"{out} holds a pipeline of other settings ({other}): "
                  f"another --out, or --redo to run every stage again")
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as f:

@@ -27,7 +27,8 @@ def test_the_shipped_pairs_are_the_documented_file():
     import hashlib
     with open(HH, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    assert digest == "4de27b135dc8e79e21f60c82038cd4daa2e41a321e41e109beb55179d7ac9f91"  # examples/data/hh-rlhf/SOURCE.md
+    # the digest SOURCE.md in examples/data/hh-rlhf gives
+    assert digest == "4de27b135dc8e79e21f60c82038cd4daa2e41a321e41e109beb55179d7ac9f91"
     with open(os.path.join(os.path.dirname(HH), "SOURCE.md")) as f:
         assert digest in f.read()
     with open(os.path.join(os.path.dirname(HH), "LICENSE")) as f:
@@ -70,7 +71,44 @@ def test_a_pair_without_human_turns_is_refused_at_the_input(tmp_path):
     import gzip
     path = tmp_path / "pairs.jsonl.gz"
     with gzip.open(path, "wt") as f:
-        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}) + "\n")
+        pair = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}
+        f.write(json.dumps(pair) + "\n")
         f.write(json.dumps({"prompt": "just text", "chosen": " yes", "rejected": " no"}) + "\n")
     with pytest.raises(SystemExit, match=r"pairs.jsonl.gz: pair 1 has no Human turn to answer"):
         _example().split(str(path), str(tmp_path / "out"), "half")
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "a failed job"])
+def test_a_stopped_pipeline_stops_the_jobs_it_started(tmp_path, stop):
+    # the example runs each stage as a process: when the example stops (a scheduler's SIGTERM, a job beside that
+    # failed), a training job must not run on unseen, holding the CPU and writing into the output folder
+    import signal
+    import subprocess
+    import sys
+    import time
+    pidfile, sleeper, failer = tmp_path / "pid", tmp_path / "sleeper.py", tmp_path / "failer.py"
+    sleeper.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    failer.write_text(f"import os, time\nwhile not os.path.exists({str(pidfile)!r}): time.sleep(0.05)\n"
+                      "raise SystemExit(3)\n")
+    jobs = [(str(sleeper), [], str(tmp_path / "sleeper.log"))]
+    if stop == "a failed job":
+        jobs.append((str(failer), [], str(tmp_path / "failer.log")))
+    driver = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'examples')!r}); import hh_smollm2; "
+              f"hh_smollm2.sh(*{jobs!r})")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        if stop == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == (143 if stop == "sigterm" else 1)
+        assert stop == "sigterm" or "failer.py failed" in err
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the sleeping job is gone
+    finally:  # whatever happened, nothing of this test runs on
+        proc.kill()
+        subprocess.run(["pkill", "-f", str(sleeper)])
