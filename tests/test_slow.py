@@ -91,5 +91,6 @@ def test_hh_smollm2_every_method_at_a_tiny_budget(tmp_path):
     assert text.count(", pooled**") == 6 and "| total |" in text and text.count("first three held-out prompts") == 6
     r = subprocess.run(cmd[:-4] + ["--method", "rloo", "--seeds", "1"], env=env(), capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("reusing") == 5, r.stdout[-2000:]  # rm, judge, rl, 2 evaluations
+    assert (out / "report.md").read_text().count(", pooled**") == 6  # the report holds every finished run in --out
     r = subprocess.run(cmd[:-4] + ["--rl_episodes", "48"], env=env(), capture_output=True, text=True)
     assert r.returncode == 1 and "rl_episodes 32" in r.stderr and "--redo" in r.stderr
