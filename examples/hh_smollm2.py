@@ -219,9 +219,10 @@ def frontier(out, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (method, seeds) in enumerate(runs.items()):
+    for method, seeds in runs.items():  # a method's colour is its own, whichever methods have finished
         pts = [load_eval(r, "judge")[0] for r in seeds.values()]
-        ax.scatter([p["kl_k1"] for p in pts], [p["score"] for p in pts], color=f"C{i}", label=method)
+        ax.scatter([p["kl_k1"] for p in pts], [p["score"] for p in pts], color=f"C{list(RL).index(method)}",
+                   label=method)
     ax.scatter([0], [pts[0]["baseline_score"]], color="black", marker="x", label="initial")
     ax.set(xlabel="KL to the initial policy (k1, per completion)", ylabel="mean judge score, held-out prompts",
            title="SmolLM2-135M-Instruct on hh-rlhf: judge score against KL")
