@@ -246,6 +246,7 @@ def finished_runs(out):
 def report(out, judge, counts, times):
     """OUT/report.md: accuracies, every finished run in OUT under both judges, each method pooled over its seeds,
     wall times, three before/after pairs per method; OUT/frontier.png."""
+    load_eval.cache_clear()  # read afresh: since the last report a stage may have rewritten an evaluation (--redo)
     runs = finished_runs(out)
     ci = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
     lines = ["# Every method on SmolLM2-135M-Instruct, hh-rlhf harmless-base\n",

@@ -112,3 +112,32 @@ def test_a_stopped_pipeline_stops_the_jobs_it_started(tmp_path, stop):
     finally:  # whatever happened, nothing of this test runs on
         proc.kill()
         subprocess.run(["pkill", "-f", str(sleeper)])
+
+
+def test_each_report_reads_the_evaluations_as_they_are_now(tmp_path):
+    # the pipeline rewrites report.md after every run's evaluation; a stage redone since the last report (--redo
+    # rewrites an evaluation in place) must show its new numbers, not the ones read before
+    hh = _example()
+    for name in ("rm", "judge"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"eval/accuracy": 0.6, "eval/pairs": 150}) + "\n")
+
+    def evaluation(win):
+        for name in ("rm", "judge"):
+            folder = tmp_path / "runs" / "rloo-seed1" / f"eval_{name}"
+            os.makedirs(folder, exist_ok=True)
+            result = {"win_rate": win, "win_rate_ci": [win - 0.1, win + 0.1], "score_diff": 0.1,
+                      "score_diff_ci": [0.0, 0.2], "kl_k1": 1.0, "length": 40.0, "baseline_length": 50.0, "eos": 0.5,
+                      "baseline_eos": 0.3, "score": 0.2, "baseline_score": 0.1}
+            (folder / "eval.json").write_text(json.dumps({"results": [result]}))
+            sample = {"outcome": win, "eos": True, "baseline_eos": True, "score": 0.2, "baseline_score": 0.1,
+                      "prompt": "p", "completion": "c", "baseline_completion": "b"}
+            (folder / "eval_samples.jsonl").write_text(json.dumps(sample) + "\n")
+
+    counts = {"a": 1, "b": 1, "test": 1}
+    evaluation(0.25)
+    hh.report(str(tmp_path), "half", counts, {})
+    assert "| rloo | 1 | 0.250 [0.150, 0.350]" in (tmp_path / "report.md").read_text()
+    evaluation(0.75)
+    hh.report(str(tmp_path), "half", counts, {})
+    assert "| rloo | 1 | 0.750 [0.650, 0.850]" in (tmp_path / "report.md").read_text()
