@@ -162,8 +162,8 @@ def sh(*jobs, threads=1):
             cmd = [sys.executable, os.path.join(ROOT, script), *map(str, flags)]
             print("$", " ".join(cmd[1:]), ">", log, flush=True)
             with open(log, "w") as f:
-                procs.append((script, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)))))
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")  # a log: no loading bars
+                procs.append((script, log, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)))
         while any(proc.poll() is None for _, _, proc in procs):  # any job's failure is seen at once
             time.sleep(0.5)
             for script, log, proc in procs:

@@ -84,6 +84,7 @@ def test_hh_smollm2_every_method_at_a_tiny_budget(tmp_path):
         for seed in (1, 2):
             run = out / "runs" / f"{method}-seed{seed}"
             assert (run / "rl" / "model.safetensors").exists(), run
+            assert "\r" not in (run / "rl.log").read_text(), "a log holds redrawn progress bars"
             for judge in ("rm", "judge"):
                 (res,) = json.loads((run / f"eval_{judge}" / "eval.json").read_text())["results"]
                 assert all(math.isfinite(res[k]) for k in ("win_rate", "score", "baseline_score", "kl_k1", "length"))
