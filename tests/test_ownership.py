@@ -25,10 +25,16 @@ def test_a_busy_folder_is_refused_and_a_killed_runs_lock_is_not(world_root, tmp_
         str, RLOO + ["--total_episodes", 80000, "--save_steps", 1])], env=env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while not (out / "checkpoint-1").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, "the first run ended before the test could use its folder"
+        def newest():  # the last checkpoint the first run finished (one a step; not a .tmp being written), 0 before
+            return max((int(n) for c in out.glob("checkpoint-*") if (n := c.name[11:]).isdigit()), default=0)
+
+        def wait_past(step):
+            deadline = time.time() + 120
+            while newest() <= step and first.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            assert first.poll() is None and newest() > step, f"the first run wrote no checkpoint past {step}"
+
+        wait_past(0)
         for flags, procs in (["--overwrite_output_dir"], 1), (["--resume"], 1), (["--overwrite_output_dir"], 2):
             r = run("train_rloo.py", "--output_dir", out, *RLOO, "--total_episodes", 8, *flags, procs=procs,
                     check=False)
@@ -36,7 +42,7 @@ def test_a_busy_folder_is_refused_and_a_killed_runs_lock_is_not(world_root, tmp_
             assert r.returncode == 1 and err.count("Traceback") == (procs > 1), err[-3000:]
             assert f"--output_dir {out} is in use by a running run (pid {first.pid} " in err, err
             assert err.count("is in use") == procs  # each rank: one line, no rank left waiting
-        assert first.poll() is None  # the refused runs touched nothing: the first still trains
+        wait_past(newest())  # the refused runs touched nothing: the first still trains
     finally:
         first.kill()
         first.wait()
