@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from nanorlhf.dist import checkpoints
 from scripts import ROOT, env, run
 
 RLOO = ["--per_device_train_batch_size", 8, "--response_length", 8, "--num_eval_prompts", 0,
@@ -25,8 +26,8 @@ def test_a_busy_folder_is_refused_and_a_killed_runs_lock_is_not(world_root, tmp_
         str, RLOO + ["--total_episodes", 80000, "--save_steps", 1])], env=env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     try:
-        def newest():  # the last checkpoint the first run finished (one a step; not a .tmp being written), 0 before
-            return max((int(n) for c in out.glob("checkpoint-*") if (n := c.name[11:]).isdigit()), default=0)
+        def newest():  # the step of the last checkpoint the first run finished (one a step), 0 before any
+            return int(done[0].rsplit("-", 1)[1]) if (done := checkpoints(out)) else 0
 
         def wait_past(step):
             deadline = time.time() + 120
